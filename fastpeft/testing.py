@@ -1,0 +1,73 @@
+"""The one tolerance table, and the comparison every test uses.
+
+Low-precision results are judged against an fp32 (or fp64) oracle by *error ratio*: the fused op's error must be
+no worse than a small multiple of the error that the eager low-precision path (PEFT's own computation in that
+dtype) makes against the same oracle, plus an absolute floor scaled to the data. A fixed loose ``atol`` can hide a
+wrong kernel; a ratio cannot, because a wrong kernel's error is orders of magnitude above rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["Tolerance", "TOLERANCES", "tolerance", "assert_close", "assert_close_ratio"]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    rtol: float  # relative to max |expected|
+    atol: float  # absolute floor
+    ratio: float  # allowed error relative to the eager low-precision path's own error
+
+
+# One place for every tolerance, keyed by the dtype the computation runs in.
+TOLERANCES: dict[torch.dtype, Tolerance] = {
+    torch.float64: Tolerance(rtol=1e-10, atol=1e-12, ratio=2.0),
+    torch.float32: Tolerance(rtol=1e-5, atol=1e-6, ratio=2.0),
+    torch.bfloat16: Tolerance(rtol=1.6e-2, atol=1e-5, ratio=2.0),
+    torch.float16: Tolerance(rtol=2e-3, atol=1e-5, ratio=2.0),
+}
+
+
+def tolerance(dtype: torch.dtype) -> Tolerance:
+    if dtype not in TOLERANCES:
+        raise KeyError(f"no tolerance for {dtype}; expected one of {list(TOLERANCES)}")
+    return TOLERANCES[dtype]
+
+
+def _max_err(a: Tensor, b: Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype | None = None, name: str = "") -> None:
+    """``max|actual - expected| <= atol + rtol * max|expected|`` with the tolerance of ``dtype``.
+
+    ``dtype`` defaults to ``actual.dtype``; pass the *computation* dtype when comparing against an fp32 oracle.
+    NaNs anywhere fail (fresh allocations are NaN-poisoned in tests, so an unwritten output fails here).
+    """
+    tol = tolerance(dtype or actual.dtype)
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    assert not torch.isnan(actual).any(), f"{name}: NaN in result"
+    scale = expected.double().abs().max().item() if expected.numel() else 0.0
+    err = _max_err(actual, expected)
+    bound = tol.atol + tol.rtol * scale
+    assert err <= bound, f"{name}: max abs err {err:.3e} > {bound:.3e} (rtol {tol.rtol}, atol {tol.atol}, scale {scale:.3e})"
+
+
+def assert_close_ratio(actual: Tensor, eager: Tensor, oracle: Tensor, dtype: torch.dtype, name: str = "") -> None:
+    """Low precision: ``err(actual, oracle) <= ratio * err(eager, oracle) + atol + 1e-2 * rtol * scale``.
+
+    ``eager`` is the same computation done the eager way in the low dtype (PEFT's path), ``oracle`` an fp32/fp64
+    computation of the same math. The small ``rtol`` term keeps the bound from collapsing where the eager path
+    happens to be exact.
+    """
+    tol = tolerance(dtype)
+    assert actual.shape == oracle.shape, f"{name}: shape {tuple(actual.shape)} != expected {tuple(oracle.shape)}"
+    assert not torch.isnan(actual).any(), f"{name}: NaN in result"
+    scale = oracle.double().abs().max().item() if oracle.numel() else 0.0
+    err, ref_err = _max_err(actual, oracle), _max_err(eager, oracle)
+    bound = tol.ratio * ref_err + tol.atol + 1e-2 * tol.rtol * scale
+    assert err <= bound, f"{name}: err {err:.3e} > {tol.ratio} x eager err {ref_err:.3e} (+floor; scale {scale:.3e})"
