@@ -1,0 +1,1 @@
+"""Torch custom ops fronting the fused kernels."""

@@ -1,0 +1,267 @@
+"""The adapted-linear op family: ``fastpeft::lora_linear`` and its backward.
+
+Math (W frozen base weight [N, K] -- or [K, N] for GPT-2 Conv1D, ``weight_t`` --, A [R, K], B [N, R]):
+
+    y  = residual + x W^T + b + s * (drop(x) A^T B^T + b_B),     drop(x) = x * keep / (1 - p)
+    xa = drop(x) A^T                                              (returned, saved for backward: M x R)
+    g  = s * dY B
+    dX = dY W + keep / (1 - p) * (g A)        dA = g^T drop(x)        dB = s * dY^T xa
+
+Precision contract: x and W in fp32/fp16/bf16, adapters in the same or a wider dtype (PEFT upcasts adapters to
+fp32 by default); the low-rank product runs in the adapter dtype like PEFT, matmuls accumulate in fp32, y comes
+back in x's dtype. Dropout is regenerated from ``seed`` in backward: neither a mask nor a dropped copy of x is
+ever saved. What autograd keeps is x (the same storage the base layer's caller holds), xa, and the parameters.
+
+Registration: ``torch.library.Library`` ``define`` + per-backend ``impl`` (the cheapest path that still gives
+torch.compile one opaque op with a fake implementation; see shared/notes/host-overhead.md). Autograd is a Python
+``autograd.Function`` used only when a gradient is needed, so no-grad decode pays no autograd dispatch.
+CUDA tensors run the Triton kernels (``fastpeft.kernels.lora``); CPU tensors run the fused torch path below, or
+the Triton kernels under ``TRITON_INTERPRET=1`` when backend "triton" is asked for.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+__all__ = ["AUTO", "TRITON", "TORCH", "BACKENDS", "lora_linear", "keep_mask_torch", "new_seed", "interpreter_active"]
+
+AUTO, TRITON, TORCH = 0, 1, 2
+BACKENDS = {"auto": AUTO, "triton": TRITON, "torch": TORCH}
+
+_lib = torch.library.Library("fastpeft", "DEF")
+_lib.define(
+    "lora_linear(Tensor x, Tensor? weight, Tensor? bias, Tensor lora_a, Tensor lora_b, Tensor? lora_bias, "
+    "Tensor? residual, float scaling, float dropout_p, Tensor? seed, bool weight_t, bool store_xa, int backend) "
+    "-> (Tensor, Tensor)"
+)
+_lib.define(
+    "lora_linear_backward(Tensor dy, Tensor x, Tensor? weight, Tensor lora_a, Tensor lora_b, Tensor xa, "
+    "float scaling, float dropout_p, Tensor? seed, bool weight_t, bool need_dx, bool need_da, bool need_db, "
+    "int backend) -> (Tensor, Tensor, Tensor)"
+)
+
+
+def new_seed() -> Tensor:
+    """A dropout seed drawn from torch's CPU generator: ``torch.manual_seed`` reproduces it, and gradient
+    checkpointing (which restores the RNG state before recompute) regenerates the same mask."""
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+
+
+def keep_mask_torch(seed: int, shape: tuple[int, int], p: float, device, dtype) -> Tensor:
+    """The fused torch path's dropout keep-mask (0/1 in ``dtype``), a pure function of ``seed``."""
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    return torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=gen)
+
+
+def interpreter_active() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (decided from the environment before triton's import)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _use_triton(x: Tensor, backend: int) -> bool:
+    if backend == TORCH:
+        return False
+    if x.is_cuda:
+        return True
+    if backend == TRITON:
+        if not interpreter_active():
+            raise RuntimeError(
+                "fastpeft backend='triton' got CPU tensors: the Triton kernels run on CPU only under the Triton "
+                "interpreter (set TRITON_INTERPRET=1 before triton is imported); use backend='auto' or 'torch'."
+            )
+        return True
+    return False
+
+
+def _check(x: Tensor, weight: Tensor | None, lora_a: Tensor, lora_b: Tensor, weight_t: bool) -> None:
+    k, r = lora_a.shape[1], lora_a.shape[0]
+    if x.shape[-1] != k:
+        raise ValueError(f"fastpeft lora_linear: x has {x.shape[-1]} features, expected in_features={k} (lora_A {tuple(lora_a.shape)})")
+    if lora_b.shape[1] != r:
+        raise ValueError(f"fastpeft lora_linear: lora_B {tuple(lora_b.shape)} does not match rank {r} of lora_A {tuple(lora_a.shape)}")
+    if weight is not None:
+        wk, wn = (weight.shape[0], weight.shape[1]) if weight_t else (weight.shape[1], weight.shape[0])
+        if wk != k or wn != lora_b.shape[0]:
+            raise ValueError(f"fastpeft lora_linear: base weight {tuple(weight.shape)} does not match in={k}, out={lora_b.shape[0]} (weight_t={weight_t})")
+        if weight.dtype != x.dtype:
+            raise TypeError(f"fastpeft lora_linear: x is {x.dtype} but the base weight is {weight.dtype}; expected the same dtype")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fused torch path (CPU, or backend="torch"): few aten calls, in-place accumulation, no full-size temporaries
+# beyond the ones a mixed-dtype matmul forces.
+
+
+def _fwd_torch(x2, weight, bias, a, b, lb, res2, s, p, seed, weight_t):
+    xd = x2 if x2.dtype == a.dtype else x2.to(a.dtype)
+    if p > 0.0:
+        xd = keep_mask_torch(seed, tuple(xd.shape), p, xd.device, xd.dtype).mul_(xd)
+    xa = torch.mm(xd, a.t())  # [M, R]
+    if p > 0.0:
+        xa.mul_(1.0 / (1.0 - p))
+    if weight is not None:
+        w = weight if weight_t else weight.t()
+        y = torch.mm(x2, w) if bias is None else torch.addmm(bias, x2, w)  # [M, N]
+        if res2 is not None:
+            y.add_(res2)
+    else:
+        y = res2.clone()
+    if lb is not None:
+        y.add_(torch.addmm(lb, xa, b.t()), alpha=s)
+    elif y.dtype == b.dtype:
+        y.addmm_(xa, b.t(), alpha=s)
+    else:  # bf16 base, fp32 adapter: add in fp32, round once (as PEFT's promote-then-cast does)
+        y.add_(torch.mm(xa, b.t()), alpha=s)
+    return y, xa
+
+
+def _bwd_torch(dy2, x2, weight, a, b, xa, s, p, seed, weight_t, need_dx, need_da, need_db):
+    dyb = dy2 if dy2.dtype == b.dtype else dy2.to(b.dtype)
+    dx = da = db = None
+    keep = None
+    if p > 0.0 and (need_dx or need_da):
+        keep = keep_mask_torch(seed, tuple(x2.shape), p, x2.device, a.dtype)
+    if need_dx or need_da:
+        g = torch.mm(dyb, b).mul_(s)  # [M, R]
+    if need_dx:
+        if keep is None and weight is not None and dy2.dtype == a.dtype:
+            w = weight.t() if weight_t else weight
+            dx = torch.mm(dy2, w).addmm_(g, a)
+        else:
+            t = torch.mm(g, a)  # [M, K] adapter dtype
+            if keep is not None:
+                t.mul_(keep).mul_(1.0 / (1.0 - p))
+            if weight is None:
+                dx = t.to(x2.dtype)
+            else:
+                dx = torch.mm(dy2, weight.t() if weight_t else weight).add_(t)
+    if need_da:
+        xd = x2 if x2.dtype == a.dtype else x2.to(a.dtype)
+        if keep is not None:
+            xd = keep.mul_(xd)
+        da = torch.mm(g.t(), xd)
+        if keep is not None:
+            da.mul_(1.0 / (1.0 - p))
+    if need_db:
+        db = torch.mm(dyb.t(), xa.to(b.dtype)).mul_(s)
+    return dx, da, db
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Op implementations
+
+
+def _lora_linear_impl(x, weight, bias, lora_a, lora_b, lora_bias, residual, scaling, dropout_p, seed, weight_t,
+                      store_xa, backend):
+    _check(x, weight, lora_a, lora_b, weight_t)
+    lead, k, n = x.shape[:-1], x.shape[-1], lora_b.shape[0]
+    x2 = x.reshape(-1, k)
+    res2 = None if residual is None else residual.reshape(-1, n)
+    seed_i = 0 if seed is None else int(seed)
+    if dropout_p > 0.0 and seed is None:
+        raise ValueError("fastpeft lora_linear: dropout_p > 0 needs a seed tensor (fastpeft.ops.linear.new_seed())")
+    if _use_triton(x, backend):
+        from fastpeft.kernels.lora import lora_fwd
+
+        y, xa = lora_fwd(x2, weight, bias, lora_a, lora_b, lora_bias, res2, scaling, dropout_p, seed_i,
+                         weight_t=weight_t, store_xa=store_xa)
+    else:
+        y, xa = _fwd_torch(x2, weight, bias, lora_a, lora_b, lora_bias, res2, scaling, dropout_p, seed_i, weight_t)
+    if xa is None or not store_xa:
+        xa = x.new_empty((0,), dtype=lora_a.dtype)
+    return y.view(*lead, n), xa
+
+
+def _lora_linear_backward_impl(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, weight_t, need_dx,
+                               need_da, need_db, backend):
+    k, n = x.shape[-1], dy.shape[-1]
+    x2, dy2 = x.reshape(-1, k), dy.reshape(-1, n)
+    seed_i = 0 if seed is None else int(seed)
+    if _use_triton(x, backend):
+        from fastpeft.kernels.lora import lora_bwd
+
+        dx, da, db = lora_bwd(dy2, x2, weight, lora_a, lora_b, xa, scaling, dropout_p, seed_i, weight_t=weight_t,
+                              need_dx=need_dx, need_da=need_da, need_db=need_db)
+    else:
+        dx, da, db = _bwd_torch(dy2, x2, weight, lora_a, lora_b, xa, scaling, dropout_p, seed_i, weight_t, need_dx,
+                                need_da, need_db)
+    empty = x.new_empty((0,))
+    return (empty if dx is None else dx.view(x.shape), empty if da is None else da, empty if db is None else db)
+
+
+for _key in ("CPU", "CUDA"):
+    _lib.impl("lora_linear", _lora_linear_impl, _key)
+    _lib.impl("lora_linear_backward", _lora_linear_backward_impl, _key)
+
+
+@torch.library.register_fake("fastpeft::lora_linear", lib=_lib)
+def _lora_linear_fake(x, weight, bias, lora_a, lora_b, lora_bias, residual, scaling, dropout_p, seed, weight_t,
+                      store_xa, backend):
+    y = x.new_empty((*x.shape[:-1], lora_b.shape[0]))
+    m = x.numel() // x.shape[-1] if store_xa else 0
+    xa = x.new_empty((m, lora_a.shape[0]) if store_xa else (0,), dtype=lora_a.dtype)
+    return y, xa
+
+
+@torch.library.register_fake("fastpeft::lora_linear_backward", lib=_lib)
+def _lora_linear_backward_fake(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, weight_t, need_dx,
+                               need_da, need_db, backend):
+    return (x.new_empty(x.shape) if need_dx else x.new_empty((0,)),
+            lora_a.new_empty(lora_a.shape) if need_da else x.new_empty((0,)),
+            lora_b.new_empty(lora_b.shape) if need_db else x.new_empty((0,)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Autograd
+
+
+class _LoraLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, lora_bias, residual, scaling, dropout_p, seed, weight_t,
+                backend):
+        y, xa = torch.ops.fastpeft.lora_linear(x, weight, bias, lora_a, lora_b, lora_bias, residual, scaling,
+                                               dropout_p, seed, weight_t, True, backend)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, xa, seed)
+        ctx.args = (scaling, dropout_p, weight_t, backend)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_a, lora_b, xa, seed = ctx.saved_tensors
+        scaling, dropout_p, weight_t, backend = ctx.args
+        nx, nw, nb, na, nbb, nlb, nres = ctx.needs_input_grad[:7]
+        dx, da, db = torch.ops.fastpeft.lora_linear_backward(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p,
+                                                             seed, weight_t, nx, na, nbb, backend)
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dw = dbias = dlb = None
+        if nw:  # a trainable base weight is unusual for LoRA but must still be right
+            x2 = x.reshape(-1, x.shape[-1])
+            dw = (x2.t() @ dy2 if weight_t else dy2.t() @ x2).to(weight.dtype)
+        if nb:
+            dbias = dy2.sum(0).to(weight.dtype)
+        if nlb:
+            dlb = dy2.sum(0, dtype=torch.float32).mul_(scaling).to(lora_b.dtype)
+        return (dx if nx else None, dw, dbias, da if na else None, db if nbb else None, dlb, dy if nres else None,
+                None, None, None, None, None)
+
+
+def lora_linear(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
+                lora_bias: Tensor | None = None, residual: Tensor | None = None, scaling: float = 1.0,
+                dropout_p: float = 0.0, seed: Tensor | None = None, weight_t: bool = False,
+                backend: int = AUTO) -> Tensor:
+    """``residual + x W^T + b + s * (drop(x) A^T B^T + b_B)`` as one op; differentiable in every tensor.
+
+    Without a gradient to track it calls the op directly (no autograd bookkeeping on the decode path).
+    """
+    if torch.is_grad_enabled() and (
+        x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
+        or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
+        or (lora_bias is not None and lora_bias.requires_grad) or (residual is not None and residual.requires_grad)
+    ):
+        return _LoraLinearFn.apply(x, weight, bias, lora_a, lora_b, lora_bias, residual, scaling, dropout_p, seed,
+                                   weight_t, backend)
+    return torch.ops.fastpeft.lora_linear(x, weight, bias, lora_a, lora_b, lora_bias, residual, scaling, dropout_p,
+                                          seed, weight_t, False, backend)[0]

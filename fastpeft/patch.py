@@ -1,0 +1,135 @@
+"""``patch`` / ``unpatch``: one dispatch table from PEFT layer types to fused forwards, and the report.
+
+A supported layer keeps its identity, parameters, buffers and type: only its class is swapped for a subclass whose
+``forward`` calls the fused op (so ``isinstance(m, LoraLayer)``, ``state_dict`` keys, ``save_pretrained``,
+``merge_and_unload``, optimizer param groups and ``requires_grad`` are untouched). Nothing is registered on the
+module that PEFT would save: the backend choice is a plain attribute.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import nn
+
+from .ops.linear import BACKENDS, TRITON, interpreter_active
+
+__all__ = ["PatchReport", "patch", "unpatch", "report"]
+
+
+@dataclass(frozen=True)
+class Handler:
+    check: Callable[[nn.Module], str | None]  # why a module cannot be fused, or None
+    forward: Callable
+
+
+@dataclass
+class PatchReport:
+    backend: str
+    fused: dict[str, str] = field(default_factory=dict)  # module name -> PEFT layer type
+    fallback: dict[str, str] = field(default_factory=dict)  # module name -> reason it keeps PEFT's forward
+
+    def __str__(self) -> str:
+        lines = [f"fastpeft patch report (backend={self.backend}): {len(self.fused)} fused, "
+                 f"{len(self.fallback)} on PEFT's forward"]
+        by_kind: dict[str, int] = {}
+        for kind in self.fused.values():
+            by_kind[kind] = by_kind.get(kind, 0) + 1
+        lines += [f"  fused {kind}: {n}" for kind, n in sorted(by_kind.items())]
+        lines += [f"  PEFT forward: {name}: {why}" for name, why in self.fallback.items()]
+        lines.append("  at call time, PEFT's forward also runs for: adapter_names= mixed batches, extra forward "
+                     "arguments, merged or disabled adapters")
+        return "\n".join(lines)
+
+
+def _dispatch_table() -> dict[type, Handler]:
+    """PEFT layer type -> how to fuse it. Exact types only: subclasses (quantized LoRA layers) are not fused."""
+    from peft.tuners import lora
+
+    from .lora import check_lora_linear, fused_lora_linear_forward
+
+    return {lora.Linear: Handler(check_lora_linear, fused_lora_linear_forward)}
+
+
+_FUSED_CLASSES: dict[type, type] = {}
+
+
+def _fused_class(cls: type, forward: Callable) -> type:
+    if cls not in _FUSED_CLASSES:
+        _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (cls,), {"forward": forward, "_fastpeft_orig_class": cls,
+                                                                     "__module__": cls.__module__})
+    return _FUSED_CLASSES[cls]
+
+
+def _check_backend(model: nn.Module, backend: str) -> int:
+    if backend not in BACKENDS:
+        raise ValueError(f"fastpeft.patch: backend={backend!r}; expected one of {sorted(BACKENDS)}")
+    code = BACKENDS[backend]
+    if code == TRITON:
+        try:
+            import triton  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError("fastpeft.patch(backend='triton') needs the triton package") from e
+        on_cpu = any(not p.is_cuda for p in model.parameters())
+        if on_cpu and not interpreter_active():
+            raise RuntimeError("fastpeft.patch(backend='triton'): the model has CPU parameters and the Triton "
+                               "interpreter is off; set TRITON_INTERPRET=1 before importing triton, move the model "
+                               "to CUDA, or use backend='auto' / 'torch'")
+    return code
+
+
+def patch(model: nn.Module, backend: str = "auto") -> nn.Module:
+    """Swap every supported PEFT adapter layer of ``model`` to its fused forward; return ``model``.
+
+    ``backend``: "auto" (Triton on CUDA tensors, the fused torch path elsewhere), "triton" (the Triton kernels;
+    CPU tensors only under TRITON_INTERPRET=1), "torch" (the fused torch path everywhere). Idempotent: patching
+    again only updates the backend. The report is returned by ``fastpeft.report(model)``.
+    """
+    code = _check_backend(model, backend)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    table = _dispatch_table()
+    rep = PatchReport(backend=backend)
+    for name, module in model.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        orig = getattr(type(module), "_fastpeft_orig_class", type(module))
+        handler = table.get(orig)
+        if handler is None:
+            rep.fallback[name] = f"no fused kernel for PEFT {orig.__module__}.{orig.__name__}"
+            continue
+        reason = handler.check(module)
+        if reason is not None:
+            if orig is not type(module):
+                module.__class__ = orig
+            rep.fallback[name] = reason
+            continue
+        module.__class__ = _fused_class(orig, handler.forward)
+        module._fastpeft_backend = code
+        rep.fused[name] = f"{orig.__module__.rsplit('.', 2)[-2]}.{orig.__name__}"
+    model._fastpeft_report = rep
+    if rep.fallback:
+        reasons = sorted(set(rep.fallback.values()))
+        warnings.warn(f"fastpeft: {len(rep.fallback)} adapter layer(s) keep PEFT's forward: " + "; ".join(reasons)
+                      + " (see fastpeft.report(model))", stacklevel=2)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore every patched layer's PEFT class. Parameters and state are untouched."""
+    for module in model.modules():
+        orig = getattr(type(module), "_fastpeft_orig_class", None)
+        if orig is not None:
+            module.__class__ = orig
+            module.__dict__.pop("_fastpeft_backend", None)
+    model.__dict__.pop("_fastpeft_report", None)
+    return model
+
+
+def report(model: nn.Module) -> PatchReport | None:
+    """The report of the last ``patch(model)``: which layers were fused and which keep PEFT's forward, and why."""
+    return model.__dict__.get("_fastpeft_report")
+
+
