@@ -16,63 +16,46 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .common import autocast_dtype, base_weight, check_base_layer, peft_forward
 from .ops.linear import lora_linear, new_seed
 
 __all__ = ["check_lora_linear", "fused_lora_linear_forward"]
 
 
-def _base_weight(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, bool] | None:
-    """(weight, bias, weight_t) for the base layers the kernel computes; None for anything else."""
-    if type(base) is nn.Linear:
-        return base.weight, base.bias, False
-    if type(base).__name__ == "Conv1D" and type(base).__module__.startswith("transformers"):
-        return base.weight, base.bias, True  # GPT-2 Conv1D: y = x W + b, W is [in, out]
-    return None
-
-
 def check_lora_linear(module: nn.Module) -> str | None:
     """Why this ``lora.Linear`` cannot be fused (None if it can). Checked once, at patch time."""
-    base = module.get_base_layer()
-    if _base_weight(base) is None:
-        return f"base layer {type(base).__name__} is not nn.Linear or transformers Conv1D (quantized or wrapped)"
-    if base.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"base weight dtype {base.weight.dtype} is not fp32/fp16/bf16"
-    if base._forward_hooks or base._forward_pre_hooks:
-        return "base layer has forward hooks (offloading or quantization wrappers) that a fused call would bypass"
+    reason = check_base_layer(module)
+    if reason is not None:
+        return reason
     variants = sorted(name for name, v in getattr(module, "lora_variant", {}).items() if v is not None)
     if variants or any(module.use_dora.values()):
         return f"LoRA variant (DoRA or other) on adapter(s) {variants or sorted(module.use_dora)}"
     return None
 
 
-def _fallback(module, x, *args, **kwargs):
-    return module._fastpeft_orig_class.forward(module, x, *args, **kwargs)
-
-
 def fused_lora_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    if args or kwargs or self.disable_adapters or self.merged:
-        return _fallback(self, x, *args, **kwargs)  # mixed batches, merged or disabled: PEFT's own forward
-    base = self.base_layer
-    weight, bias, weight_t = _base_weight(base)
-    if torch.is_autocast_enabled(x.device.type):
-        # Emulate autocast's rule for linear (cast every operand to the autocast dtype), then run unautocast.
-        dt = torch.get_autocast_dtype(x.device.type)
+    variants = self.lora_variant
+    if args or kwargs or self.disable_adapters or self.merged or (variants and any(
+            name in variants for name in self.active_adapters)):
+        # mixed batches, merged or disabled adapters, DoRA & co. added after patching: PEFT's own forward
+        return peft_forward(self, x, *args, **kwargs)
+    weight, bias, weight_t = base_weight(self.base_layer)
+    dt = autocast_dtype(x)
+    if dt is not None:
         with torch.autocast(x.device.type, enabled=False):
             return _fused(self, x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), weight_t, dt)
     if x.dtype != weight.dtype:
-        return _fallback(self, x)  # PEFT raises (or casts) exactly as it always did
+        return peft_forward(self, x)  # PEFT raises (or casts) exactly as it always did
     return _fused(self, x, weight, bias, weight_t, None)
 
 
 def _fused(self, x, weight, bias, weight_t, cast):
     backend = self._fastpeft_backend
     y = None
-    lora_a_dict, lora_b_dict, variants = self.lora_A, self.lora_B, self.lora_variant
+    lora_a_dict, lora_b_dict = self.lora_A, self.lora_B
     for name in self.active_adapters:
         if name not in lora_a_dict:
             continue
-        if name in variants:
-            return _fallback(self, x)
         a, lin_b = lora_a_dict[name].weight, lora_b_dict[name]
         b, lb = lin_b.weight, lin_b.bias
         if cast is not None:

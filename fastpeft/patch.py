@@ -46,11 +46,15 @@ class PatchReport:
 
 def _dispatch_table() -> dict[type, Handler]:
     """PEFT layer type -> how to fuse it. Exact types only: subclasses (quantized LoRA layers) are not fused."""
-    from peft.tuners import lora
+    from peft.tuners import ia3, lora
 
+    from .ia3 import check_ia3_linear, fused_ia3_linear_forward
     from .lora import check_lora_linear, fused_lora_linear_forward
 
-    return {lora.Linear: Handler(check_lora_linear, fused_lora_linear_forward)}
+    return {
+        lora.Linear: Handler(check_lora_linear, fused_lora_linear_forward),
+        ia3.Linear: Handler(check_ia3_linear, fused_ia3_linear_forward),
+    }
 
 
 _FUSED_CLASSES: dict[type, type] = {}

@@ -1,0 +1,60 @@
+"""Fused forward for PEFT ``ia3.Linear`` (nn.Linear and GPT-2 Conv1D base layers).
+
+Reads PEFT's live state on every call, like the LoRA layer: ``disable_adapters``, ``merged``, ``active_adapters``
+and the vectors themselves. Several active adapters multiply their vectors (a vector-sized product, as PEFT);
+one active adapter passes its parameter straight to the op.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .common import autocast_dtype, base_weight, check_base_layer, peft_forward
+from .ops.ia3 import ia3_linear
+
+__all__ = ["check_ia3_linear", "fused_ia3_linear_forward"]
+
+
+def check_ia3_linear(module: nn.Module) -> str | None:
+    """Why this ``ia3.Linear`` cannot be fused (None if it can). Checked once, at patch time."""
+    reason = check_base_layer(module)
+    if reason is None and module.get_base_layer().weight.requires_grad:
+        return "the base weight is trainable; fused IA3 treats the base layer as frozen"
+    return reason
+
+
+def _has_zero(self, vectors: list[torch.Tensor]) -> bool:
+    """Whether the combined vector has a zero entry, cached per parameter version: one host sync per optimizer
+    step rather than per call. A zero makes y / l unusable for recovering the base output (see ops/ia3.py)."""
+    key = tuple((id(v), v._version) for v in vectors)
+    cached = self.__dict__.get("_fastpeft_zero")
+    if cached is None or cached[0] != key:
+        cached = (key, any(bool((v == 0).any()) for v in vectors))
+        self.__dict__["_fastpeft_zero"] = cached
+    return cached[1]
+
+
+def fused_ia3_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if args or kwargs or self.disable_adapters or self.merged:
+        return peft_forward(self, x, *args, **kwargs)
+    vectors = [self.ia3_l[name] for name in self.active_adapters if name in self.ia3_l]
+    if not vectors:
+        return peft_forward(self, x)
+    weight, bias, weight_t = base_weight(self.base_layer)
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return peft_forward(self, x)  # e.g. bias="all" made the base bias trainable after patching
+    scale = vectors[0]
+    for v in vectors[1:]:
+        scale = scale.flatten() * v.flatten()
+    save_base = False
+    if not self.is_feedforward and torch.is_grad_enabled() and scale.requires_grad:
+        save_base = torch.compiler.is_compiling() or _has_zero(self, vectors)
+    dt = autocast_dtype(x)
+    if dt is not None:
+        with torch.autocast(x.device.type, enabled=False):
+            return ia3_linear(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), scale,
+                              self.is_feedforward, weight_t, save_base, self._fastpeft_backend)
+    if x.dtype != weight.dtype:
+        return peft_forward(self, x)
+    return ia3_linear(x, weight, bias, scale, self.is_feedforward, weight_t, save_base, self._fastpeft_backend)

@@ -1,0 +1,159 @@
+"""IA3 in the adapted-linear op family: ``fastpeft::ia3_linear`` and its backward.
+
+Output scaling (ordinary target modules; the bias is scaled too, as PEFT does):
+
+    y  = (x W^T + b) * l                 dX = (dY * l) W          dl = sum_m (x W^T + b) * dY = sum_m (y * dY) / l
+
+Input scaling (feed-forward target modules):
+
+    y  = (x * l) W^T + b                 dX = (dY W) * l          dl = sum_m x * (dY W)
+
+What is saved, and why:
+- output scaling saves y, the op's own output (autograd keeps a reference, no copy; downstream ops often hold it
+  already, e.g. attention's saved value for v_proj) and recovers the base output as y / l inside the reduction:
+  one division per column after the sum, exact up to one rounding. That needs l without zeros, which the patched
+  layer checks once per parameter version (one host sync per optimizer step, not per call); with a zero it asks
+  for ``save_base=True`` and the base output is saved instead, as PEFT does.
+- input scaling saves x (PEFT saves it too, for the same reduction); dY W is formed once and serves both dX and dl.
+Dtypes: x and W fp32/fp16/bf16, l in its own dtype (PEFT keeps fp32 vectors on a bf16 model); the scaled input is
+rounded to x's dtype before the matmul (as PEFT's ``.to(previous_dtype)`` does), reductions run in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .linear import AUTO, _lib, _use_triton
+
+__all__ = ["ia3_linear"]
+
+_lib.define(
+    "ia3_linear(Tensor x, Tensor weight, Tensor? bias, Tensor scale, bool scale_input, bool weight_t, "
+    "bool save_base, int backend) -> (Tensor, Tensor)"
+)
+_lib.define(
+    "ia3_linear_backward(Tensor dy, Tensor saved, Tensor weight, Tensor scale, bool scale_input, bool weight_t, "
+    "bool saved_is_base, bool need_dx, bool need_dl, int backend) -> (Tensor, Tensor)"
+)
+
+
+def _check(x: Tensor, weight: Tensor, scale: Tensor, scale_input: bool, weight_t: bool) -> tuple[int, int]:
+    k, n = (weight.shape[0], weight.shape[1]) if weight_t else (weight.shape[1], weight.shape[0])
+    if x.shape[-1] != k:
+        raise ValueError(f"fastpeft ia3_linear: x has {x.shape[-1]} features, expected in_features={k}")
+    want = k if scale_input else n
+    if scale.numel() != want:
+        raise ValueError(f"fastpeft ia3_linear: IA3 vector has {scale.numel()} entries, expected "
+                         f"{'in' if scale_input else 'out'}_features={want}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"fastpeft ia3_linear: x is {x.dtype} but the base weight is {weight.dtype}; expected the same dtype")
+    return k, n
+
+
+def _ia3_fwd_torch(x2, weight, bias, l, scale_input, weight_t, save_base):
+    w = weight if weight_t else weight.t()
+    if scale_input:
+        x2 = (x2 * l).to(x2.dtype)  # the one temporary: a matmul cannot read a scaled operand in place
+        return (torch.mm(x2, w) if bias is None else torch.addmm(bias, x2, w)), None
+    base = torch.mm(x2, w) if bias is None else torch.addmm(bias, x2, w)
+    if save_base:
+        return base.mul(l).to(base.dtype), base
+    return base.mul_(l), None  # in place; a wider l is applied in its dtype and rounded once, like PEFT
+
+
+def _ia3_linear_impl(x, weight, bias, scale, scale_input, weight_t, save_base, backend):
+    k, n = _check(x, weight, scale, scale_input, weight_t)
+    x2, l = x.reshape(-1, k), scale.reshape(-1)
+    if _use_triton(x, backend):
+        from fastpeft.kernels.lora import ia3_fwd
+
+        y, base = ia3_fwd(x2, weight, bias, l, scale_input=scale_input, weight_t=weight_t, store_base=save_base)
+    else:
+        y, base = _ia3_fwd_torch(x2, weight, bias, l, scale_input, weight_t, save_base)
+    if base is None or scale_input or not save_base:
+        base = x.new_empty((0,))
+    return y.view(*x.shape[:-1], n), base
+
+
+def _ia3_linear_backward_impl(dy, saved, weight, scale, scale_input, weight_t, saved_is_base, need_dx, need_dl,
+                              backend):
+    n = dy.shape[-1]
+    dy2, l = dy.reshape(-1, n), scale.reshape(-1)
+    if _use_triton(dy, backend):
+        from fastpeft.kernels.lora import ia3_bwd
+
+        dx, dl = ia3_bwd(dy2, saved.reshape(dy2.shape[0], -1), weight, l, scale_input=scale_input, weight_t=weight_t,
+                         saved_is_base=saved_is_base, need_dx=need_dx, need_dl=need_dl)
+    else:
+        w = weight.t() if weight_t else weight  # [N, K]
+        s2 = saved.reshape(dy2.shape[0], -1)
+        dx = dl = None
+        if scale_input:
+            t = torch.mm(dy2, w)  # [M, K] = dY W, shared by dX and dl
+            if need_dl:
+                dl = torch.einsum("mk,mk->k", s2.float(), t.float())
+            if need_dx:
+                dx = t.mul_(l) if t.dtype == l.dtype else t.mul(l).to(t.dtype)
+        else:
+            if need_dl:
+                dl = torch.einsum("mn,mn->n", s2.float(), dy2.float())
+                if not saved_is_base:
+                    dl = dl.div_(l.float())
+            if need_dx:
+                dx = torch.mm((dy2 * l).to(dy2.dtype), w)
+    empty = dy.new_empty((0,))
+    dx = empty if dx is None else dx.view(*dy.shape[:-1], -1)
+    dl = empty if dl is None else dl.to(scale.dtype).view(scale.shape)
+    return dx, dl
+
+
+for _key in ("CPU", "CUDA"):
+    _lib.impl("ia3_linear", _ia3_linear_impl, _key)
+    _lib.impl("ia3_linear_backward", _ia3_linear_backward_impl, _key)
+
+
+@torch.library.register_fake("fastpeft::ia3_linear", lib=_lib)
+def _ia3_linear_fake(x, weight, bias, scale, scale_input, weight_t, save_base, backend):
+    n = weight.shape[1] if weight_t else weight.shape[0]
+    m = x.numel() // x.shape[-1]
+    base = x.new_empty((m, n)) if save_base and not scale_input else x.new_empty((0,))
+    return x.new_empty((*x.shape[:-1], n)), base
+
+
+@torch.library.register_fake("fastpeft::ia3_linear_backward", lib=_lib)
+def _ia3_linear_backward_fake(dy, saved, weight, scale, scale_input, weight_t, saved_is_base, need_dx, need_dl,
+                              backend):
+    k = weight.shape[0] if weight_t else weight.shape[1]
+    dx = dy.new_empty((*dy.shape[:-1], k)) if need_dx else dy.new_empty((0,))
+    return dx, (scale.new_empty(scale.shape) if need_dl else dy.new_empty((0,)))
+
+
+class _IA3LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, scale_input, weight_t, save_base, backend):
+        y, base = torch.ops.fastpeft.ia3_linear(x, weight, bias, scale, scale_input, weight_t, save_base, backend)
+        saved = x if scale_input else (base if save_base else y)
+        ctx.save_for_backward(saved, weight, scale)
+        ctx.args = (scale_input, weight_t, save_base, backend)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        saved, weight, scale = ctx.saved_tensors
+        scale_input, weight_t, save_base, backend = ctx.args
+        nx, nw, nb, nl = ctx.needs_input_grad[:4]
+        if nw or nb:
+            raise NotImplementedError("fastpeft ia3_linear: gradients for the base weight/bias are not fused; "
+                                      "this layer should have kept PEFT's forward (fastpeft.report names why)")
+        dx, dl = torch.ops.fastpeft.ia3_linear_backward(dy, saved, weight, scale, scale_input, weight_t,
+                                                        save_base, nx, nl, backend)
+        return dx if nx else None, None, None, dl if nl else None, None, None, None, None
+
+
+def ia3_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scale: Tensor, scale_input: bool,
+               weight_t: bool = False, save_base: bool = False, backend: int = AUTO) -> Tensor:
+    """IA3-scaled linear as one op; differentiable in x and the IA3 vector (the base layer is frozen)."""
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
+        return _IA3LinearFn.apply(x, weight, bias, scale, scale_input, weight_t, save_base, backend)
+    return torch.ops.fastpeft.ia3_linear(x, weight, bias, scale, scale_input, weight_t, False, backend)[0]
