@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["lora_linear_ref", "base_linear_ref"]
+__all__ = ["lora_linear_ref", "base_linear_ref", "ia3_linear_ref"]
 
 
 def base_linear_ref(x: Tensor, weight: Tensor | None, bias: Tensor | None, weight_t: bool = False) -> Tensor:
@@ -52,3 +52,17 @@ def lora_linear_ref(
     if weight is None and residual is not None:
         out_dtype = residual.dtype
     return out.to(out_dtype)
+
+
+def ia3_linear_ref(x: Tensor, weight: Tensor, bias: Tensor | None, scale: Tensor, scale_input: bool,
+                   weight_t: bool = False) -> Tensor:
+    """PEFT ``ia3.Linear.forward`` for a combined IA3 vector ``scale`` (the product of the active adapters').
+
+    Input scaling (feed-forward modules): ``y = base((x * l).to(x.dtype))`` -- x cast to l's dtype, scaled, rounded
+    back. Output scaling: ``y = (base(x) * l).to(base dtype)``, the bias scaled too (``ia3/layer.py`` forward).
+    """
+    l = scale.flatten()
+    if scale_input:
+        return base_linear_ref((x.to(l.dtype) * l).to(x.dtype), weight, bias, weight_t)
+    result = base_linear_ref(x, weight, bias, weight_t)
+    return (result * l).to(result.dtype)

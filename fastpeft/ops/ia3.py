@@ -155,5 +155,7 @@ def ia3_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scale: Tensor, sc
                weight_t: bool = False, save_base: bool = False, backend: int = AUTO) -> Tensor:
     """IA3-scaled linear as one op; differentiable in x and the IA3 vector (the base layer is frozen)."""
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
+        if x.dtype != torch.float32 and not _use_triton(x, backend):
+            save_base = True  # the torch path rounds the base before scaling: y / l would carry two roundings
         return _IA3LinearFn.apply(x, weight, bias, scale, scale_input, weight_t, save_base, backend)
     return torch.ops.fastpeft.ia3_linear(x, weight, bias, scale, scale_input, weight_t, False, backend)[0]
