@@ -34,28 +34,27 @@ def check_lora_linear(module: nn.Module) -> str | None:
 
 
 def fused_lora_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    variants = self.lora_variant
-    if args or kwargs or self.disable_adapters or self.merged or (variants and any(
-            name in variants for name in self.active_adapters)):
-        # mixed batches, merged or disabled adapters, DoRA & co. added after patching: PEFT's own forward
+    variants, lora_a = self.lora_variant, self.lora_A
+    active = [name for name in self.active_adapters if name in lora_a]
+    if args or kwargs or self.disable_adapters or self.merged or not active or (variants and any(
+            name in variants for name in active)):
+        # mixed batches, merged or disabled adapters, no adapter on this layer, DoRA & co. added after patching
         return peft_forward(self, x, *args, **kwargs)
     weight, bias, weight_t = base_weight(self.base_layer)
     dt = autocast_dtype(x)
     if dt is not None:
         with torch.autocast(x.device.type, enabled=False):
-            return _fused(self, x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), weight_t, dt)
+            return _fused(self, active, x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), weight_t, dt)
     if x.dtype != weight.dtype:
         return peft_forward(self, x)  # PEFT raises (or casts) exactly as it always did
-    return _fused(self, x, weight, bias, weight_t, None)
+    return _fused(self, active, x, weight, bias, weight_t, None)
 
 
-def _fused(self, x, weight, bias, weight_t, cast):
+def _fused(self, active, x, weight, bias, weight_t, cast):
     backend = self._fastpeft_backend
     y = None
     lora_a_dict, lora_b_dict = self.lora_A, self.lora_B
-    for name in self.active_adapters:
-        if name not in lora_a_dict:
-            continue
+    for name in active:
         a, lin_b = lora_a_dict[name].weight, lora_b_dict[name]
         b, lb = lin_b.weight, lin_b.bias
         if cast is not None:
@@ -67,6 +66,4 @@ def _fused(self, x, weight, bias, weight_t, cast):
             y = lora_linear(x, weight, bias, a, b, lb, None, self.scaling[name], p, seed, weight_t, backend)
         else:
             y = lora_linear(x, None, None, a, b, lb, y, self.scaling[name], p, seed, weight_t, backend)
-    if y is None:  # no active adapter on this layer
-        return self.base_layer(x)
     return y

@@ -43,7 +43,9 @@ def lora_linear_ref(
     feeding the mask they generated.
     """
     out_dtype = x.dtype if weight is None else weight.dtype
-    result = residual if weight is None else base_linear_ref(x, weight, bias, weight_t)
+    result = None if weight is None else base_linear_ref(x, weight, bias, weight_t)
+    if residual is not None:
+        result = residual if result is None else residual + result
     xd = x.to(lora_a.dtype)
     if keep is not None:
         xd = xd * keep.to(xd.dtype) / (1.0 - dropout_p)

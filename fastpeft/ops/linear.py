@@ -188,8 +188,9 @@ def _lora_linear_backward_impl(dy, x, weight, lora_a, lora_b, xa, scaling, dropo
     else:
         dx, da, db = _bwd_torch(dy2, x2, weight, lora_a, lora_b, xa, scaling, dropout_p, seed_i, weight_t, need_dx,
                                 need_da, need_db)
-    empty = x.new_empty((0,))
-    return (empty if dx is None else dx.view(x.shape), empty if da is None else da, empty if db is None else db)
+    # unrequested outputs are distinct empty tensors: custom-op outputs may not alias each other
+    return (x.new_empty((0,)) if dx is None else dx.view(x.shape), x.new_empty((0,)) if da is None else da,
+            x.new_empty((0,)) if db is None else db)
 
 
 for _key in ("CPU", "CUDA"):
