@@ -1,0 +1,641 @@
+"""The one benchmark harness: workloads, providers, modes, counters and interleaved timing for every adapter method.
+
+Vocabulary
+- method: an adapter method and the PEFT config it is benchmarked with (``register_method``). LoRA is registered
+  here; IA3, prefix and prompt tuning add one ``Method`` each and get every workload, provider and counter.
+- workload: a mode with its sizes, LoRA dropout and model dtype (``Workload``), grouped per ``Scale``: "full" is the
+  reference workload of the issue, "smoke" a tiny model for ``--benchmark-disable`` CI runs.
+- provider: "base" (the model without adapters: the floor), "peft" (PEFT eager), "fastpeft" (a copy of the same
+  PEFT model after ``fastpeft.patch(backend="auto")``: the fused torch path on CPU, the Triton kernels on CUDA).
+- mode: "decode" (one new token per step against a DynamicCache; teacher-forced tokens, so every provider runs the
+  same inputs), "prefill" (no-grad forward over the prompt, last-position logits, as ``generate`` does), "train"
+  (zero_grad, forward with labels, backward, AdamW(foreach) step). The base provider's train step is frozen weights
+  with gradients w.r.t. the input embeddings: backward through every layer's dX, the floor of adapter training.
+
+Counters (recorded in each case's ``benchmark.extra_info``; one step each, outside timing)
+- ``ops``: dispatcher calls seen by a TorchDispatchMode during the step (forward, backward and optimizer alike),
+  excluding ``excluded_op``: (1) views: ops whose schema returns an alias of an input that they do not write
+  (``Tensor(a)`` returns: view, t, transpose, slice, select, unsqueeze, expand, permute, alias, detach, split...);
+  (2) ``aten._unsafe_view``: matmul's reshape of its own fresh mm result, a view that the schema does not mark only
+  because the input is known to be unaliased; (3) ``aten._local_scalar_dense``: ``.item()``, a host read of a
+  scalar (generate's stopping check). In-place and ``out=`` ops count; a fastpeft custom op counts as one (its inner
+  aten calls run below the mode). With this set the issue's 192 (base) / 304 (PEFT) decode ops per generated token
+  reproduce exactly (``generate_ops``); counting ``_local_scalar_dense`` too gives 193 / 305.
+- ``bytes_touched``: for each counted op, the sum of numel x itemsize of every tensor among its inputs and outputs
+  (an in-place op's output counts again, as written). Logical sizes: a broadcast operand counts its full logical
+  size and an embedding lookup its whole table, so this bounds traffic from above and ignores cache reuse.
+- ``saved_bytes``: bytes of the distinct storages autograd keeps for backward (``saved_tensors_hooks`` pack, each
+  storage once), excluding the storages of the model's parameters, views of them included (mm saves ``W.t()``,
+  a view, not the Parameter). ``saved_bytes_incl_params`` keeps those: it is the issue's number (235 / 331 MiB),
+  whose ``isinstance(t, nn.Parameter)`` filter excluded nothing because autograd packs views of the weights.
+- ``saved_scalar_bytes``: the part of ``saved_bytes`` in 0-dim storages (fastpeft's per-layer dropout seeds).
+- ``saved_wide_x_bytes``: tensors saved during an adapter layer's forward (a PEFT ``BaseTunerLayer``) with the
+  numel of that layer's input x and a wider float dtype than x: an upcast copy of x kept for backward.
+- ``peak_mem_bytes`` (CUDA only): ``max_memory_allocated`` during the step minus the allocation before it.
+- ``generate_ops`` (decode only): ops per token inside ``model.generate`` (greedy; the difference between
+  generating 3 and 2 new tokens): the model's decode ops plus generate's own, provider-independent bookkeeping.
+
+Timing: ``Bench.interleaved`` runs providers round-robin within a measurement, one step each in a rotating order,
+so machine drift hits all of them alike; ratios are medians of per-step paired ratios from the same run.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import importlib.util
+import os
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+__all__ = [
+    "PROVIDERS", "MODES", "LLAMA_LINEARS", "REFERENCE_MODEL", "SMOKE_MODEL", "Workload", "Scale", "SCALES",
+    "Method", "METHODS", "register_method", "ProviderUnavailable", "Runner", "Timing", "Bench", "OpCounter",
+    "SavedCounter", "excluded_op", "count_ops", "generate_ops", "default_device", "smoke_or_full",
+    "parity_ok", "MiB",
+]
+
+PROVIDERS = ("base", "peft", "fastpeft")
+MODES = ("decode", "prefill", "train")
+LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MiB = 2**20
+
+REFERENCE_MODEL = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+                       num_key_value_heads=4, vocab_size=8000)
+SMOKE_MODEL = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=512)
+
+
+# Workloads and scales
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str  # stable across scales: it is the pytest id
+    mode: str  # one of MODES
+    batch: int
+    seq: int  # prompt length (decode: the prefilled cache) or sequence length (prefill, train)
+    dropout: float = 0.0  # adapter dropout, for methods that have one (train mode only)
+    dtype: torch.dtype = torch.float32  # model dtype; PEFT keeps adapters in fp32 (autocast_adapter_dtype)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch if self.mode == "decode" else self.batch * self.seq
+
+
+@dataclass(frozen=True)
+class Scale:
+    name: str
+    model: dict  # LlamaConfig kwargs
+    workloads: dict[str, Workload]
+    steps: dict[str, int]  # timed steps per provider and interleaved round, by mode
+    rounds: dict[str, int]  # interleaved rounds, by mode (decode re-prefills its cache every round)
+    bench_rounds: dict[str, int]  # pytest-benchmark rounds of the per-provider cases, by mode
+
+
+def _workloads(prompt: int, batch: int, seq: int) -> dict[str, Workload]:
+    ws = [
+        Workload("decode-B1", "decode", 1, prompt),
+        Workload("decode-B8", "decode", 8, prompt),
+        Workload("prefill", "prefill", batch, seq),
+        Workload("train-p0", "train", batch, seq, dropout=0.0),
+        Workload("train-p0.1", "train", batch, seq, dropout=0.1),
+        Workload("train-bf16-p0.1", "train", batch, seq, dropout=0.1, dtype=torch.bfloat16),
+    ]
+    return {w.name: w for w in ws}
+
+
+SCALES = {
+    "full": Scale("full", REFERENCE_MODEL, _workloads(prompt=32, batch=4, seq=256),
+                  steps={"decode": 32, "prefill": 7, "train": 5}, rounds={"decode": 4, "prefill": 1, "train": 1},
+                  bench_rounds={"decode": 32, "prefill": 5, "train": 3}),
+    "smoke": Scale("smoke", SMOKE_MODEL, _workloads(prompt=8, batch=2, seq=16),
+                   steps={"decode": 2, "prefill": 1, "train": 1}, rounds={"decode": 1, "prefill": 1, "train": 1},
+                   bench_rounds={"decode": 1, "prefill": 1, "train": 1}),
+}
+
+
+# Methods: each adapter method registers the PEFT config it is benchmarked with
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config: Callable[[Workload], Any]  # workload -> PEFT config (imports peft lazily)
+    workloads: tuple[str, ...] | None = None  # the workload names that apply; None: all of them
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+def _lora_config(w: Workload):
+    from peft import LoraConfig
+
+    return LoraConfig(r=16, lora_alpha=32, target_modules=list(LLAMA_LINEARS), lora_dropout=w.dropout)
+
+
+def _ia3_config(w: Workload):
+    from peft import IA3Config
+
+    return IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+
+
+register_method(Method("lora", _lora_config))
+register_method(Method("ia3", _ia3_config, workloads=("decode-B1", "decode-B8", "prefill", "train-p0",
+                                                      "train-bf16-p0.1")))  # PEFT's Llama defaults; no dropout
+
+
+# Counters
+
+
+_EXCLUDED_BY_NAME = ("aten::_unsafe_view", "aten::_local_scalar_dense")
+
+
+def excluded_op(func) -> bool:
+    """True for the ops that ``ops`` does not count: views, ``_unsafe_view`` and ``.item()`` (see module doc)."""
+    schema = func._schema
+    if schema.name in _EXCLUDED_BY_NAME:
+        return True
+    return any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
+
+
+def _nbytes(tree) -> int:
+    return sum(t.numel() * t.element_size() for t in tree_leaves(tree) if isinstance(t, torch.Tensor))
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts ops (``excluded_op`` aside) and the bytes of their tensor inputs and outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not excluded_op(func):
+            self.ops[str(func)] += 1
+            self.bytes += _nbytes((args, kwargs)) + _nbytes(out)
+        return out
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+
+def count_ops(fn: Callable[[], Any]) -> OpCounter:
+    counter = OpCounter()
+    with counter:
+        fn()
+    return counter
+
+
+class SavedCounter:
+    """What autograd saves for backward during a forward: distinct storages, parameters apart (see module doc).
+
+    Holds the storages it saw until ``close()`` so a freed storage's address cannot be counted twice.
+    """
+
+    def __init__(self, model: nn.Module):
+        self._params = {self._key(p) for p in model.parameters()}
+        self._storages: dict[tuple, torch.UntypedStorage] = {}
+        self._param_storages: dict[tuple, int] = {}
+        self.scalar_bytes = 0
+        self.wide_x_bytes = 0
+        self._scopes: list[torch.Tensor] = []  # inputs of the adapter layers being run
+        self._wide_seen: set[tuple] = set()
+        self._hooks = []
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for m in model.modules():
+            if isinstance(m, BaseTunerLayer):
+                self._hooks.append(m.register_forward_pre_hook(self._enter))
+                self._hooks.append(m.register_forward_hook(self._exit))
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    @staticmethod
+    def _key(t: torch.Tensor) -> tuple:
+        return (t.device, t.untyped_storage().data_ptr())
+
+    def _enter(self, module, args):
+        self._scopes.append(args[0] if args and isinstance(args[0], torch.Tensor) else None)
+
+    def _exit(self, module, args, out):
+        self._scopes.pop()
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        key, st = self._key(t), t.untyped_storage()
+        if key in self._params:
+            self._param_storages.setdefault(key, st.nbytes())
+            return t
+        if key not in self._storages:
+            self._storages[key] = st
+            if t.dim() == 0 and st.nbytes() == t.element_size():
+                self.scalar_bytes += st.nbytes()
+        x = self._scopes[-1] if self._scopes else None
+        if (x is not None and t.is_floating_point() and x.is_floating_point() and t.numel() == x.numel()
+                and t.element_size() > x.element_size() and key not in self._wide_seen):
+            self._wide_seen.add(key)
+            self.wide_x_bytes += st.nbytes()
+        return t
+
+    def __enter__(self):
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    @property
+    def saved_bytes(self) -> int:
+        return sum(st.nbytes() for st in self._storages.values())
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(self._param_storages.values())
+
+    def close(self) -> None:
+        self._storages.clear()
+
+
+# Models, providers and modes
+
+
+class ProviderUnavailable(RuntimeError):
+    """A provider that cannot run here (fastpeft's Triton kernels on a CUDA machine where they are not built)."""
+
+
+def default_device() -> str:
+    return os.environ.get("FASTPEFT_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@dataclass
+class Runner:
+    """``prepare()`` builds fresh per-round state (inputs, a prefilled cache) untimed; ``step(state)`` is timed."""
+
+    model: nn.Module
+    prepare: Callable[[], Any]
+    step: Callable[[Any], Any]
+
+
+@dataclass
+class _DecodeState:
+    cache: Any
+    tokens: list  # [B, 1] token tensors, fed in turn
+    i: int = 0
+
+
+@dataclass
+class Timing:
+    """Seconds per step for each provider; index i of every list comes from the same round-robin turn."""
+
+    providers: tuple[str, ...]
+    times: dict[str, list[float]] = field(default_factory=dict)
+    warm: bool = False
+
+    def __post_init__(self):
+        for p in self.providers:
+            self.times.setdefault(p, [])
+
+    def median(self, p: str) -> float:
+        return statistics.median(self.times[p])
+
+    def ratios(self, p: str, q: str) -> list[float]:
+        return [a / b for a, b in zip(self.times[p], self.times[q])]
+
+    def ratio(self, p: str, q: str) -> float:
+        """Median of the paired per-step ratios t_p / t_q."""
+        return statistics.median(self.ratios(p, q))
+
+    def spread(self, p: str, q: str) -> tuple[float, float]:
+        """Interquartile range of the paired ratios t_p / t_q: how noisy the machine was."""
+        r = self.ratios(p, q)
+        if len(r) < 4:
+            return min(r), max(r)
+        q1, _, q3 = statistics.quantiles(r, n=4)
+        return q1, q3
+
+    def summary(self, tokens_per_step: int) -> dict[str, Any]:
+        out: dict[str, Any] = {"samples": len(self.times[self.providers[0]])}
+        for p in self.providers:
+            out[f"{p}_median_s"] = self.median(p)
+            out[f"{p}_tokens_per_s"] = tokens_per_step / self.median(p)
+            for q in ("base", "peft"):
+                if q in self.providers and q != p:
+                    out[f"{p}_over_{q}"] = self.ratio(p, q)
+                    out[f"{p}_over_{q}_iqr"] = list(self.spread(p, q))
+        if {"base", "peft", "fastpeft"} <= set(self.providers):
+            peft_over = out["peft_over_base"] - 1.0
+            # fastpeft's overhead over base as a fraction of PEFT's; undefined where PEFT showed none (noise)
+            fast_over = out["fastpeft_over_base"] - 1.0
+            out["overhead_fastpeft_over_peft"] = fast_over / peft_over if peft_over > 0 else None
+        return out
+
+
+class Bench:
+    """Builds and caches the models of one scale on one device; measures counters and timings."""
+
+    def __init__(self, scale: Scale | str = "full", device: str | None = None, threads: int | None = None,
+                 log: Callable[[str], None] | None = None):
+        self.scale = SCALES[scale] if isinstance(scale, str) else scale
+        self.device = device or default_device()
+        if not self.device.startswith("cuda"):
+            torch.set_num_threads(threads or int(os.environ.get("FASTPEFT_BENCH_THREADS", "1")))
+        self.log = log or (lambda msg: None)
+        self._base: dict[torch.dtype, nn.Module] = {}
+        self._models: dict[tuple, nn.Module] = {}
+        self._runners: dict[tuple, Runner] = {}
+        self._counters: dict[tuple, dict[str, Any]] = {}
+
+    def workload(self, name: str) -> Workload:
+        return self.scale.workloads[name]
+
+    def workloads(self, method: str) -> list[str]:
+        names = METHODS[method].workloads
+        return [n for n in self.scale.workloads if names is None or n in names]
+
+    # models
+
+    def base_model(self, dtype: torch.dtype) -> nn.Module:
+        if dtype not in self._base:
+            from transformers import LlamaConfig, LlamaForCausalLM
+
+            torch.manual_seed(0)
+            self._base[dtype] = LlamaForCausalLM(LlamaConfig(**self.scale.model)).to(self.device, dtype)
+        return self._base[dtype]
+
+    def model(self, method: str, w: Workload, provider: str) -> nn.Module:
+        """The provider's model for a workload (cached: train steps update its adapters as they run)."""
+        train = w.mode == "train"
+        key = (None if provider == "base" else method, provider, w.dtype, w.dropout if train else 0.0, train)
+        if key not in self._models:
+            self._models[key] = self.build(method, w, provider)
+        return self._models[key]
+
+    def build(self, method: str, w: Workload, provider: str, peft_model: nn.Module | None = None) -> nn.Module:
+        """A fresh model. peft and fastpeft get the same base and adapter weights: fastpeft patches a copy of
+        ``peft_model`` (default: a fresh PEFT build, identical to every other one)."""
+        train = w.mode == "train"
+        if provider == "base":
+            model = copy.deepcopy(self.base_model(w.dtype)).requires_grad_(False)
+            if train:
+                model.enable_input_require_grads()
+        elif provider == "peft":
+            from peft import get_peft_model
+
+            torch.manual_seed(1)
+            model = get_peft_model(copy.deepcopy(self.base_model(w.dtype)), METHODS[method].config(w))
+            _perturb_trainable(model)
+        elif provider == "fastpeft":
+            model = copy.deepcopy(peft_model) if peft_model is not None else self.build(method, w, "peft")
+            model = _fastpeft_patch(model, self.device)
+        else:
+            raise ValueError(f"provider {provider!r}; expected one of {PROVIDERS}")
+        return model.train(train)
+
+    # modes
+
+    def runner(self, method: str, w: Workload, provider: str) -> Runner:
+        key = (method, w.name, provider)
+        if key not in self._runners:
+            self._runners[key] = _make_runner(self.model(method, w, provider), w, self.device,
+                                              self.scale.steps["decode"] + self.scale.bench_rounds["decode"] + 4)
+        return self._runners[key]
+
+    def timed_step(self, run: Runner) -> Callable[[Any], Any]:
+        """``run.step`` followed by a device sync, for timers that read the host clock (pytest-benchmark)."""
+        if not self.device.startswith("cuda"):
+            return run.step
+
+        def step(state):
+            out = run.step(state)
+            torch.cuda.synchronize()
+            return out
+
+        return step
+
+    # counters
+
+    def counters(self, method: str, w: Workload | str, provider: str) -> dict[str, Any]:
+        """Every counter of one provider on one workload (measured once, then cached: they are deterministic)."""
+        w = self.workload(w) if isinstance(w, str) else w
+        key = (method, w.name, provider)
+        if key in self._counters:
+            return self._counters[key]
+        run = self.runner(method, w, provider)
+        state = run.prepare()
+        run.step(state)  # steady state: optimizer moments and lazy inits exist before counting
+        out: dict[str, Any] = {"mode": w.mode, "batch": w.batch, "seq": w.seq, "dropout": w.dropout,
+                               "dtype": str(w.dtype).removeprefix("torch."), "device": self.device,
+                               "scale": self.scale.name}
+        if w.mode == "train":
+            saved = SavedCounter(run.model)
+            with saved:
+                ops = count_ops(lambda: run.step(state))
+            out.update(saved_bytes=saved.saved_bytes, saved_bytes_incl_params=saved.saved_bytes + saved.param_bytes,
+                       saved_scalar_bytes=saved.scalar_bytes, saved_wide_x_bytes=saved.wide_x_bytes)
+            saved.close()
+        else:
+            ops = count_ops(lambda: run.step(state))
+        out.update(ops=ops.total, bytes_touched=ops.bytes, op_histogram=dict(ops.ops.most_common()))
+        if w.mode == "decode":
+            out["generate_ops"] = generate_ops(run.model, w, self.device)
+        if self.device.startswith("cuda"):
+            state = run.prepare()
+            _sync(self.device)
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            run.step(state)
+            _sync(self.device)
+            out["peak_mem_bytes"] = torch.cuda.max_memory_allocated() - before
+        if provider == "fastpeft":
+            import fastpeft
+
+            rep = fastpeft.report(run.model)
+            out["fused_layers"], out["fallback_layers"] = len(rep.fused), len(rep.fallback)
+        self._counters[key] = out
+        return out
+
+    # timing
+
+    def interleaved_round(self, method: str, w: Workload, timing: Timing, steps: int | None = None) -> Timing:
+        """One round: every provider prepares (untimed), then ``steps`` turns, one step per provider per turn, the
+        order rotated every turn. The first round also runs one untimed warm-up step per provider."""
+        runs = {p: self.runner(method, w, p) for p in timing.providers}
+        states = {p: runs[p].prepare() for p in timing.providers}
+        if not timing.warm:
+            for p in timing.providers:
+                runs[p].step(states[p])
+            timing.warm = True
+        n, start = len(timing.providers), len(timing.times[timing.providers[0]])
+        for i in range(steps or self.scale.steps[w.mode]):
+            k = (start + i) % n
+            for p in timing.providers[k:] + timing.providers[:k]:
+                _sync(self.device)
+                t0 = time.perf_counter()
+                runs[p].step(states[p])
+                _sync(self.device)
+                timing.times[p].append(time.perf_counter() - t0)
+        return timing
+
+    def interleaved(self, method: str, w: Workload | str, providers: tuple[str, ...] = PROVIDERS,
+                    rounds: int | None = None, steps: int | None = None) -> Timing:
+        w = self.workload(w) if isinstance(w, str) else w
+        timing = Timing(tuple(providers))
+        for _ in range(rounds or self.scale.rounds[w.mode]):
+            self.interleaved_round(method, w, timing, steps)
+        return timing
+
+    # parity
+
+    def parity(self, method: str, w: Workload | str) -> dict[str, float]:
+        """Max |difference| of fastpeft against PEFT on the workload's inputs: logits (eval), and for train mode
+        the loss and every trainable gradient (dropout must be 0 there: the two draw different masks)."""
+        w = self.workload(w) if isinstance(w, str) else w
+        pm = self.build(method, w, "peft")  # fresh: the cached models have taken different train steps
+        fm = self.build(method, w, "fastpeft", peft_model=pm)
+        ids = _tokens(pm.config.vocab_size, w.batch, w.seq, self.device)
+        if w.mode != "train":
+            with torch.no_grad():
+                a, b = pm(input_ids=ids).logits, fm(input_ids=ids).logits
+            return {"logits": (a.double() - b.double()).abs().max().item(), "logits_scale": a.abs().max().item()}
+        out = {}
+        for m in (pm, fm):
+            m.zero_grad(set_to_none=True)
+        la, lb = pm(input_ids=ids, labels=ids).loss, fm(input_ids=ids, labels=ids).loss
+        la.backward()
+        lb.backward()
+        out["loss"], out["loss_scale"] = abs(la.item() - lb.item()), abs(la.item())
+        ga = {n: p.grad for n, p in pm.named_parameters() if p.grad is not None}
+        gb = {n: p.grad for n, p in fm.named_parameters() if p.grad is not None}
+        assert ga.keys() == gb.keys(), "fastpeft and PEFT produced gradients for different parameters"
+        out["grads"] = max((ga[n].double() - gb[n].double()).abs().max().item() for n in ga)
+        out["grads_scale"] = max(g.abs().max().item() for g in ga.values())
+        return out
+
+
+def _perturb_trainable(model: nn.Module, std: float = 0.02) -> None:
+    """Add N(0, std^2) noise to every trainable parameter, so adapters are not the identity (LoRA's B starts at 0)
+    and parity checks compare something. Seeded: every build gets the same adapter weights."""
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen).to(p) * std)
+
+
+def _fastpeft_patch(model: nn.Module, device: str) -> nn.Module:
+    import fastpeft
+
+    if device.startswith("cuda") and importlib.util.find_spec("fastpeft.kernels.lora") is None:
+        raise ProviderUnavailable("fastpeft on CUDA needs the Triton kernels (fastpeft.kernels.lora), not built yet")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fastpeft.patch(model, backend="auto")
+    rep = fastpeft.report(model)
+    if rep.fallback or not rep.fused:
+        raise RuntimeError(f"fastpeft did not fuse every adapter layer; a benchmark would measure PEFT:\n{rep}")
+    return model
+
+
+def _tokens(vocab: int, batch: int, seq: int, device: str, seed: int = 3) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, seq), generator=gen).to(device)
+
+
+def _make_runner(model: nn.Module, w: Workload, device: str, decode_tokens: int) -> Runner:
+    vocab = model.config.vocab_size
+    if w.mode == "decode":
+        from transformers import DynamicCache
+
+        stream = _tokens(vocab, w.batch, decode_tokens, device, seed=4)
+        tokens = [t.contiguous() for t in stream.split(1, dim=1)]  # [B, 1] each, made once
+        prompt = _tokens(vocab, w.batch, w.seq, device)
+
+        def prepare():
+            cache = DynamicCache(config=model.config)
+            with torch.no_grad():
+                model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            return _DecodeState(cache, tokens)
+
+        def step(s: _DecodeState):
+            with torch.no_grad():
+                out = model(input_ids=s.tokens[s.i % len(s.tokens)], past_key_values=s.cache, use_cache=True)
+            s.i += 1
+            return out.logits
+
+        return Runner(model, prepare, step)
+
+    ids = _tokens(vocab, w.batch, w.seq, device)
+    if w.mode == "prefill":
+        def step(_):
+            with torch.no_grad():
+                return model(input_ids=ids, use_cache=True, logits_to_keep=1).logits
+
+        return Runner(model, lambda: None, step)
+
+    if w.mode == "train":
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5, foreach=True) if params else None
+
+        def step(_):
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            if opt is not None:
+                opt.step()
+            return loss
+
+        return Runner(model, lambda: None, step)
+    raise ValueError(f"mode {w.mode!r}; expected one of {MODES}")
+
+
+def generate_ops(model: nn.Module, w: Workload, device: str) -> int:
+    """Ops per new token inside greedy ``generate()``: ops(3 new tokens) - ops(2 new tokens), same prompt."""
+    prompt = _tokens(model.config.vocab_size, w.batch, w.seq, device)
+
+    def run(n: int) -> int:
+        with torch.no_grad():
+            return count_ops(lambda: model.generate(
+                input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                do_sample=False, pad_token_id=0)).total
+
+    return run(3) - run(2)
+
+
+def smoke_or_full(benchmark_disabled: bool) -> str:
+    """The scale of a pytest run: FASTPEFT_BENCH_SCALE wins; otherwise smoke when timing is disabled."""
+    return os.environ.get("FASTPEFT_BENCH_SCALE") or ("smoke" if benchmark_disabled else "full")
+
+
+def parity_ok(diff: dict[str, float], dtype: torch.dtype = torch.float32, slack: float = 10.0) -> bool:
+    """Whether a ``Bench.parity`` result is within ``slack`` x the dtype's tolerance (fastpeft.testing), each
+    difference relative to the largest magnitude of its quantity. Model-level errors compound over layers, hence
+    the slack over the per-op tolerance."""
+    from fastpeft.testing import tolerance
+
+    tol = tolerance(dtype)
+    return all(diff[k] <= tol.atol + slack * tol.rtol * diff[f"{k}_scale"] for k in ("logits", "loss", "grads")
+               if k in diff)

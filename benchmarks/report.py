@@ -1,0 +1,179 @@
+"""``python -m benchmarks.report``: the README table, measured now on the reference workload (no pytest).
+
+Prints a markdown table of what the issue asks for -- decode ops per token (base / PEFT / fastpeft), decode time
+ratios at B=1 and B=8, train-step saved MiB at dropout 0 and 0.1, the train-step time ratio, the bf16 check -- then
+the targets, each met or missed, from the same run. Progress goes to stderr. Every number is measured here.
+
+Options: ``--scale smoke`` runs the tiny model (a check of this script), ``--decode-rounds``, ``--train-steps``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+
+import torch
+
+from benchmarks import harness
+from benchmarks.harness import MiB
+
+METHOD = "lora"
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def _ratio(t: harness.Timing, p: str, q: str) -> str:
+    """Median paired ratio with its interquartile range (the run's noise)."""
+    lo, hi = t.spread(p, q)
+    return f"{t.ratio(p, q):.3f}x (IQR {lo:.2f}-{hi:.2f})"
+
+
+def measure(bench: harness.Bench, decode_rounds: int, train_steps: int) -> dict:
+    """Every number of the report, measured on ``bench``."""
+    r: dict = {"counters": {}, "timing": {}}
+
+    def counters(workload: str, providers=harness.PROVIDERS):
+        for p in providers:
+            log(f"counters: {workload} {p}")
+            r["counters"][workload, p] = bench.counters(METHOD, workload, p)
+
+    log("parity: fastpeft vs PEFT (fp32 prefill logits; train step at dropout 0: loss and gradients)")
+    r["parity"] = {w: bench.parity(METHOD, w) for w in ("prefill", "train-p0")}
+    r["parity_ok"] = all(harness.parity_ok(d) for d in r["parity"].values())
+    if not r["parity_ok"]:
+        log(f"PARITY FAILED: {r['parity']}; speed targets will be marked as not met")
+
+    for w in ("decode-B1", "decode-B8"):
+        counters(w)
+        log(f"timing: {w}, {decode_rounds} rounds x {bench.scale.steps['decode']} tokens, providers interleaved")
+        r["timing"][w] = bench.interleaved(METHOD, w, rounds=decode_rounds)
+    counters("prefill")
+    log("timing: prefill, providers interleaved")
+    r["timing"]["prefill"] = bench.interleaved(METHOD, "prefill")
+
+    for w in ("train-p0", "train-p0.1"):
+        counters(w)
+        log(f"timing: {w}, {train_steps} steps per provider, interleaved")
+        r["timing"][w] = bench.interleaved(METHOD, w, rounds=1, steps=train_steps)
+    counters("train-bf16-p0.1", providers=("peft", "fastpeft"))
+    return r
+
+
+def _targets(r: dict) -> list[tuple[str, str, bool]]:
+    c, t = r["counters"], r["timing"]
+    out = []
+    base_ops, fast_ops = c["decode-B1", "base"]["ops"], c["decode-B1", "fastpeft"]["ops"]
+    base_gen, fast_gen = c["decode-B1", "base"]["generate_ops"], c["decode-B1", "fastpeft"]["generate_ops"]
+    out.append(("decode ops per token equal to the base model's",
+                f"{fast_ops} vs {base_ops} (in generate(): {fast_gen} vs {base_gen})",
+                fast_ops == base_ops and fast_gen == base_gen))
+    for w in ("decode-B1", "decode-B8"):
+        fo, po = t[w].ratio("fastpeft", "base") - 1, t[w].ratio("peft", "base") - 1
+        out.append((f"{w}: overhead over base at most half of PEFT's",
+                    f"fastpeft {fo * 100:+.1f}% vs PEFT {po * 100:+.1f}% (quotient {fo / po:.2f})" if po > 0 else
+                    f"fastpeft {fo * 100:+.1f}% vs PEFT {po * 100:+.1f}% (PEFT showed no overhead)",
+                    po > 0 and fo <= 0.5 * po))
+    f1, p0 = c["train-p0.1", "fastpeft"], c["train-p0", "peft"]
+    extra = f1["saved_bytes"] - p0["saved_bytes"]
+    scalars = f1["saved_scalar_bytes"] - p0["saved_scalar_bytes"]
+    strict = extra <= 0
+    note = "" if strict else f"; +{extra} B over it, of which {scalars} B are 0-dim dropout seeds"
+    out.append(("train p=0.1: saved bytes no more than PEFT's at p=0",
+                f"{f1['saved_bytes'] / MiB:.2f} vs {p0['saved_bytes'] / MiB:.2f} MiB{note}",
+                strict or extra <= scalars))
+    ratio = t["train-p0.1"].ratio("fastpeft", "peft")
+    out.append(("train p=0.1: step time at most 0.9x PEFT's", _ratio(t["train-p0.1"], "fastpeft", "peft"),
+                ratio <= 0.9))
+    if not r["parity_ok"]:  # a speedup counts only where results match
+        out = [(n, v + " (parity FAILED)", False) if "time" in n or "overhead" in n else (n, v, ok)
+               for n, v, ok in out]
+    fb, pb = c["train-bf16-p0.1", "fastpeft"], c["train-bf16-p0.1", "peft"]
+    out.append(("bf16 model, fp32 adapters: no fp32 copy of x saved",
+                f"fastpeft {fb['saved_wide_x_bytes'] / MiB:.2f} MiB, PEFT {pb['saved_wide_x_bytes'] / MiB:.2f} MiB",
+                fb["saved_wide_x_bytes"] == 0))
+    return out
+
+
+def render(bench: harness.Bench, r: dict) -> str:
+    c, t = r["counters"], r["timing"]
+    import peft
+    import transformers
+
+    m = bench.scale.model
+    lines = [
+        f"### fastpeft LoRA vs PEFT ({bench.scale.name} workload, measured {time.strftime('%Y-%m-%d')})",
+        "",
+        f"Llama hidden {m['hidden_size']}, intermediate {m['intermediate_size']}, {m['num_hidden_layers']} layers, "
+        f"{m['num_attention_heads']} heads ({m['num_key_value_heads']} KV), vocab {m['vocab_size']}; LoRA r=16 "
+        f"alpha=32 on q,k,v,o,gate,up,down. Device {bench.device} "
+        f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)); torch "
+        f"{torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}. Times are medians "
+        f"of per-step paired ratios, providers interleaved round-robin in one run.",
+        "",
+    ]
+    pp, pt = r["parity"]["prefill"], r["parity"]["train-p0"]
+    lines += [f"Parity, fastpeft vs PEFT (fp32): max |logit diff| {pp['logits']:.2e} (logits up to "
+              f"{pp['logits_scale']:.2f}); train step: |loss diff| {pt['loss']:.2e}, max |grad diff| "
+              f"{pt['grads']:.2e} (grads up to {pt['grads_scale']:.2e}): "
+              f"{'within' if r['parity_ok'] else '**outside**'} 10x the fp32 tolerance of `fastpeft.testing`.", ""]
+
+    def row(name, fmt, key_fn):
+        vals = [key_fn(p) for p in harness.PROVIDERS]
+        return f"| {name} | " + " | ".join(fmt(v) for v in vals) + " |"
+
+    ms = lambda v: f"{v * 1e3:.2f} ms"  # noqa: E731
+    lines += ["| measurement | base | PEFT | fastpeft |", "|---|---|---|---|"]
+    lines.append(row("decode ops per token, model forward", str, lambda p: c["decode-B1", p]["ops"]))
+    lines.append(row("decode ops per token inside generate()", str, lambda p: c["decode-B1", p]["generate_ops"]))
+    lines.append(row("decode bytes touched per token, B=1", lambda v: f"{v / MiB:.1f} MiB",
+                     lambda p: c["decode-B1", p]["bytes_touched"]))
+    for w in ("decode-B1", "decode-B8"):
+        b = bench.workload(w).batch
+        lines.append(row(f"decode time per step, B={b}", ms, lambda p: t[w].median(p)))
+        lines.append(row(f"decode time ratio to base, B={b}", lambda v: v,
+                         lambda p: "1" if p == "base" else _ratio(t[w], p, "base")))
+    wp = bench.workload("prefill")
+    lines.append(row(f"prefill time ratio to base, B={wp.batch} T={wp.seq}", lambda v: v,
+                     lambda p: "1" if p == "base" else _ratio(t["prefill"], p, "base")))
+    for w in ("train-p0", "train-p0.1"):
+        wt = bench.workload(w)
+        tag = f"train step B={wt.batch} T={wt.seq} dropout {wt.dropout:g}"
+        lines.append(row(f"{tag}: saved for backward", lambda v: f"{v / MiB:.2f} MiB",
+                         lambda p: c[w, p]["saved_bytes"]))
+        lines.append(row(f"{tag}: saved incl. parameter storages (the issue's definition)",
+                         lambda v: f"{v / MiB:.2f} MiB", lambda p: c[w, p]["saved_bytes_incl_params"]))
+        lines.append(row(f"{tag}: ops per step", str, lambda p: c[w, p]["ops"]))
+        lines.append(row(f"{tag}: time", lambda v: f"{v:.3f} s", lambda p: t[w].median(p)))
+        lines.append(row(f"{tag}: time ratio to PEFT", lambda v: v,
+                         lambda p: "1" if p == "peft" else _ratio(t[w], p, "peft")))
+    lines.append("| bf16 model, fp32 adapters, dropout 0.1: fp32 copies of x saved | n/a | "
+                 f"{c['train-bf16-p0.1', 'peft']['saved_wide_x_bytes'] / MiB:.2f} MiB | "
+                 f"{c['train-bf16-p0.1', 'fastpeft']['saved_wide_x_bytes'] / MiB:.2f} MiB |")
+    lines += ["", "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {name} | {value} | {'yes' if ok else '**no**'} |" for name, value, ok in _targets(r)]
+    lines += ["", "Counter definitions: `benchmarks/harness.py` module docstring."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scale", default="full", choices=sorted(harness.SCALES))
+    ap.add_argument("--decode-rounds", type=int, default=None, help="interleaved decode rounds (default: 5 full)")
+    ap.add_argument("--train-steps", type=int, default=None, help="timed train steps per provider (default: 10 full)")
+    args = ap.parse_args(argv)
+    full = args.scale == "full"
+    bench = harness.Bench(args.scale, log=log)
+    log(f"device {bench.device}, scale {args.scale}")
+    r = measure(bench, args.decode_rounds or (5 if full else 1), args.train_steps or (10 if full else 2))
+    log("done")
+    print(render(bench, r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
