@@ -21,6 +21,8 @@ def base_weight(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, boo
 def check_base_layer(module: nn.Module) -> str | None:
     """Why the base layer of a PEFT tuner layer cannot be fused (None if it can)."""
     base = module.get_base_layer()
+    if module.base_layer is not base:
+        return "nested adapter layers (the base layer is itself wrapped)"
     if base_weight(base) is None:
         return f"base layer {type(base).__name__} is not nn.Linear or transformers Conv1D (quantized or wrapped)"
     if base.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):

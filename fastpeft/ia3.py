@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import autocast_dtype, base_weight, check_base_layer, peft_forward
+from .common import autocast_dtype, check_base_layer, peft_forward
 from .ops.ia3 import ia3_linear
 
 __all__ = ["check_ia3_linear", "fused_ia3_linear_forward"]
@@ -36,25 +36,30 @@ def _has_zero(self, vectors: list[torch.Tensor]) -> bool:
 
 
 def fused_ia3_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    if args or kwargs or self.disable_adapters or self.merged:
+    d = self.__dict__  # PEFT's live state without nn.Module.__getattr__ (see fastpeft/lora.py)
+    if args or kwargs or d["_disable_adapters"] or d["merged_adapters"]:
         return peft_forward(self, x, *args, **kwargs)
-    vectors = [self.ia3_l[name] for name in self.active_adapters if name in self.ia3_l]
+    params = d["_modules"]["ia3_l"]._parameters
+    active = d["_active_adapter"]
+    vectors = [params[name] for name in ([active] if isinstance(active, str) else active) if name in params]
     if not vectors:
         return peft_forward(self, x)
-    weight, bias, weight_t = base_weight(self.base_layer)
+    base = d["_modules"]["base_layer"]._parameters
+    weight, bias = base["weight"], base["bias"]
     if weight.requires_grad or (bias is not None and bias.requires_grad):
-        return peft_forward(self, x)  # e.g. bias="all" made the base bias trainable after patching
+        return peft_forward(self, x)  # e.g. bias="all" made the base bias trainable
     scale = vectors[0]
     for v in vectors[1:]:
         scale = scale.flatten() * v.flatten()
+    scale_input, weight_t, backend = d["is_feedforward"], d["_fastpeft_weight_t"], d["_fastpeft_backend"]
     save_base = False
-    if not self.is_feedforward and torch.is_grad_enabled() and scale.requires_grad:
+    if not scale_input and torch.is_grad_enabled() and scale.requires_grad:
         save_base = torch.compiler.is_compiling() or _has_zero(self, vectors)
     dt = autocast_dtype(x)
     if dt is not None:
         with torch.autocast(x.device.type, enabled=False):
-            return ia3_linear(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), scale,
-                              self.is_feedforward, weight_t, save_base, self._fastpeft_backend)
+            return ia3_linear(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), scale, scale_input,
+                              weight_t, save_base, backend)
     if x.dtype != weight.dtype:
         return peft_forward(self, x)
-    return ia3_linear(x, weight, bias, scale, self.is_feedforward, weight_t, save_base, self._fastpeft_backend)
+    return ia3_linear(x, weight, bias, scale, scale_input, weight_t, save_base, backend)

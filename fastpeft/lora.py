@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import autocast_dtype, base_weight, check_base_layer, peft_forward
+from .common import autocast_dtype, check_base_layer, peft_forward
 from .ops.linear import lora_linear, new_seed
 
 __all__ = ["check_lora_linear", "fused_lora_linear_forward"]
@@ -34,36 +34,46 @@ def check_lora_linear(module: nn.Module) -> str | None:
 
 
 def fused_lora_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    variants, lora_a = self.lora_variant, self.lora_A
-    active = [name for name in self.active_adapters if name in lora_a]
-    if args or kwargs or self.disable_adapters or self.merged or not active or (variants and any(
-            name in variants for name in active)):
-        # mixed batches, merged or disabled adapters, no adapter on this layer, DoRA & co. added after patching
-        return peft_forward(self, x, *args, **kwargs)
-    weight, bias, weight_t = base_weight(self.base_layer)
+    # PEFT's live state, read straight from the instance dicts: the same attributes PEFT's properties return
+    # (``_disable_adapters``, ``merged_adapters``, ``_active_adapter``), without nn.Module.__getattr__ on the
+    # decode path (see shared/notes/host-overhead.md). Nothing is cached.
+    d = self.__dict__
+    if args or kwargs or d["_disable_adapters"] or d["merged_adapters"]:
+        return peft_forward(self, x, *args, **kwargs)  # mixed batches, merged or disabled: PEFT's own forward
+    mods = d["_modules"]
+    lora_a = mods["lora_A"]._modules
+    active = d["_active_adapter"]
+    active = [active] if isinstance(active, str) else active
+    active = [name for name in active if name in lora_a]
+    variants = d["lora_variant"]
+    if not active or (variants and any(name in variants for name in active)):
+        return peft_forward(self, x)  # no adapter on this layer, or DoRA & co. added after patching
+    base = mods["base_layer"]._parameters
+    weight, bias = base["weight"], base["bias"]
     dt = autocast_dtype(x)
     if dt is not None:
         with torch.autocast(x.device.type, enabled=False):
-            return _fused(self, active, x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), weight_t, dt)
+            return _fused(self, active, x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), dt)
     if x.dtype != weight.dtype:
         return peft_forward(self, x)  # PEFT raises (or casts) exactly as it always did
-    return _fused(self, active, x, weight, bias, weight_t, None)
+    return _fused(self, active, x, weight, bias, None)
 
 
-def _fused(self, active, x, weight, bias, weight_t, cast):
-    backend = self._fastpeft_backend
+def _fused(self, active, x, weight, bias, cast):
+    d = self.__dict__
+    mods, backend, weight_t, scaling = d["_modules"], d["_fastpeft_backend"], d["_fastpeft_weight_t"], d["scaling"]
+    lora_a, lora_b, dropout = mods["lora_A"]._modules, mods["lora_B"]._modules, mods["lora_dropout"]._modules
     y = None
-    lora_a_dict, lora_b_dict = self.lora_A, self.lora_B
     for name in active:
-        a, lin_b = lora_a_dict[name].weight, lora_b_dict[name]
-        b, lb = lin_b.weight, lin_b.bias
+        a = lora_a[name]._parameters["weight"]
+        b, lb = lora_b[name]._parameters["weight"], lora_b[name]._parameters.get("bias")
         if cast is not None:
             a, b, lb = a.to(cast), b.to(cast), None if lb is None else lb.to(cast)
-        drop = self.lora_dropout[name]
-        p = drop.p if drop.training and isinstance(drop, nn.Dropout) else 0.0
+        drop = dropout[name]
+        p = drop.p if type(drop) is nn.Dropout and drop.training else 0.0
         seed = new_seed() if p > 0.0 else None
         if y is None:
-            y = lora_linear(x, weight, bias, a, b, lb, None, self.scaling[name], p, seed, weight_t, backend)
+            y = lora_linear(x, weight, bias, a, b, lb, None, scaling[name], p, seed, weight_t, backend)
         else:
-            y = lora_linear(x, None, None, a, b, lb, y, self.scaling[name], p, seed, weight_t, backend)
+            y = lora_linear(x, None, None, a, b, lb, y, scaling[name], p, seed, weight_t, backend)
     return y

@@ -14,6 +14,7 @@ from typing import Callable
 
 from torch import nn
 
+from .common import base_weight
 from .ops.linear import BACKENDS, TRITON, interpreter_active
 
 __all__ = ["PatchReport", "patch", "unpatch", "report"]
@@ -112,6 +113,7 @@ def patch(model: nn.Module, backend: str = "auto") -> nn.Module:
             continue
         module.__class__ = _fused_class(orig, handler.forward)
         module._fastpeft_backend = code
+        module._fastpeft_weight_t = base_weight(module.get_base_layer())[2]
         rep.fused[name] = f"{orig.__module__.rsplit('.', 2)[-2]}.{orig.__name__}"
     model._fastpeft_report = rep
     if rep.fallback:
@@ -128,6 +130,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         if orig is not None:
             module.__class__ = orig
             module.__dict__.pop("_fastpeft_backend", None)
+            module.__dict__.pop("_fastpeft_weight_t", None)
     model.__dict__.pop("_fastpeft_report", None)
     return model
 
