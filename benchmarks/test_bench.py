@@ -1,41 +1,42 @@
-"""LoRA on the shared harness: every workload x provider timed by pytest-benchmark with its counters in
-``extra_info``; one interleaved (round-robin) measurement per workload for the ratios; and assertions on the
-deterministic counters, which hold at every scale (so the ``--benchmark-disable`` smoke run checks them too).
-
-Another method's file is this one with ``METHOD`` changed and its own deterministic claims.
+"""Every registered adapter method on the shared harness: each workload x provider timed by pytest-benchmark with
+its counters in ``extra_info``; one interleaved (round-robin) measurement per workload for the ratios; and
+assertions on the deterministic counters, which hold at every scale (so the ``--benchmark-disable`` smoke run
+checks them too). A new method registers itself in ``harness.METHODS`` and adds its own claims below.
 """
 
 import pytest
 
 from benchmarks import harness
 
-METHOD = "lora"
+METHODS = list(harness.METHODS)
 WORKLOADS = list(harness.SCALES["full"].workloads)  # the same names at every scale: stable test ids
 
 
-def _workload(bench: harness.Bench, name: str) -> harness.Workload:
-    if name not in bench.workloads(METHOD):
-        pytest.skip(f"{METHOD} does not run workload {name}")
+def _workload(bench: harness.Bench, method: str, name: str) -> harness.Workload:
+    if name not in bench.workloads(method):
+        pytest.skip(f"{method} does not run workload {name}")
     return bench.workload(name)
 
 
-def _counters(bench: harness.Bench, name: str, provider: str) -> dict:
+def _counters(bench: harness.Bench, method: str, name: str, provider: str) -> dict:
+    _workload(bench, method, name)
     try:
-        return bench.counters(METHOD, name, provider)
+        return bench.counters(method, name, provider)
     except harness.ProviderUnavailable as e:
         pytest.skip(str(e))
 
 
 @pytest.mark.parametrize("provider", harness.PROVIDERS)
 @pytest.mark.parametrize("workload", WORKLOADS)
-def test_lora(benchmark, bench, workload, provider):
+@pytest.mark.parametrize("method", METHODS)
+def test_step(benchmark, bench, method, workload, provider):
     """One provider's step timed alone (comparable across commits with ``--benchmark-compare``), its counters in
-    ``extra_info``. Providers run one after another here, so for ratios read ``test_lora_interleaved``."""
-    w = _workload(bench, workload)
-    counters = _counters(bench, workload, provider)
-    benchmark.group = f"{METHOD} {workload}"
+    ``extra_info``. Providers run one after another here, so for ratios read ``test_interleaved``."""
+    w = _workload(bench, method, workload)
+    counters = _counters(bench, method, workload, provider)
+    benchmark.group = f"{method} {workload}"
     benchmark.extra_info.update(counters)
-    run = bench.runner(METHOD, w, provider)
+    run = bench.runner(method, w, provider)
     benchmark.pedantic(bench.timed_step(run), args=(run.prepare(),), rounds=bench.scale.bench_rounds[w.mode],
                        warmup_rounds=1)
     if benchmark.stats:
@@ -48,23 +49,25 @@ def test_lora(benchmark, bench, workload, provider):
 
 
 @pytest.mark.parametrize("workload", WORKLOADS)
-def test_lora_interleaved(benchmark, bench, workload):
+@pytest.mark.parametrize("method", METHODS)
+def test_interleaved(benchmark, bench, method, workload):
     """All providers round-robin in one measurement: the ratios (``*_over_base``, ``*_over_peft``) are medians of
     per-step paired ratios. ``benchmark``'s own time is one round of every provider's steps."""
-    w = _workload(bench, workload)
-    _counters(bench, workload, "fastpeft")  # skips where fastpeft cannot run
+    w = _workload(bench, method, workload)
+    _counters(bench, method, workload, "fastpeft")  # skips where fastpeft cannot run
     timing = harness.Timing(harness.PROVIDERS)
-    benchmark.group = f"{METHOD} {workload} interleaved"
-    benchmark.pedantic(bench.interleaved_round, args=(METHOD, w, timing), rounds=bench.scale.rounds[w.mode])
+    benchmark.group = f"{method} {workload} interleaved"
+    benchmark.pedantic(bench.interleaved_round, args=(method, w, timing), rounds=bench.scale.rounds[w.mode])
     summary = timing.summary(w.tokens_per_step)
     benchmark.extra_info.update(summary, mode=w.mode, scale=bench.scale.name, device=bench.device)
     assert all(t > 0 for ts in timing.times.values() for t in ts)
 
 
 @pytest.mark.parametrize("workload", ["decode-B1", "decode-B8"])
-def test_lora_decode_ops_equal_base(bench, workload):
+@pytest.mark.parametrize("method", METHODS)
+def test_decode_ops_equal_base(bench, method, workload):
     """Fused decode dispatches exactly the base model's ops: one fused op replaces each base linear."""
-    base, peft, fast = (_counters(bench, workload, p) for p in harness.PROVIDERS)
+    base, peft, fast = (_counters(bench, method, workload, p) for p in harness.PROVIDERS)
     assert fast["ops"] == base["ops"], (fast["op_histogram"], base["op_histogram"])
     assert fast["generate_ops"] == base["generate_ops"]
     assert peft["ops"] > base["ops"] and peft["generate_ops"] > base["generate_ops"]
@@ -73,8 +76,8 @@ def test_lora_decode_ops_equal_base(bench, workload):
 def test_lora_dropout_saves_no_mask(bench):
     """With dropout, fastpeft saves no more than PEFT without dropout (the mask is regenerated from a seed), apart
     from the 0-dim seeds themselves; and never more than PEFT at the same dropout."""
-    peft0 = _counters(bench, "train-p0", "peft")
-    peft1, fast1 = _counters(bench, "train-p0.1", "peft"), _counters(bench, "train-p0.1", "fastpeft")
+    peft0 = _counters(bench, "lora", "train-p0", "peft")
+    peft1, fast1 = _counters(bench, "lora", "train-p0.1", "peft"), _counters(bench, "lora", "train-p0.1", "fastpeft")
     assert peft1["saved_bytes"] > peft0["saved_bytes"]  # PEFT's dropout keeps a mask and a dropped copy of x
     assert fast1["saved_bytes"] - fast1["saved_scalar_bytes"] <= peft0["saved_bytes"] - peft0["saved_scalar_bytes"]
     assert fast1["saved_bytes"] <= peft1["saved_bytes"]
@@ -82,14 +85,23 @@ def test_lora_dropout_saves_no_mask(bench):
 
 def test_lora_bf16_saves_no_fp32_x(bench):
     """bf16 model, fp32 adapters (PEFT's default upcast): PEFT saves an fp32 copy of x per layer, fastpeft none."""
-    peft, fast = _counters(bench, "train-bf16-p0.1", "peft"), _counters(bench, "train-bf16-p0.1", "fastpeft")
+    peft, fast = (_counters(bench, "lora", "train-bf16-p0.1", p) for p in ("peft", "fastpeft"))
     assert peft["saved_wide_x_bytes"] > 0  # the counter sees the copy where it exists
     assert fast["saved_wide_x_bytes"] == 0
 
 
+@pytest.mark.parametrize("workload", ["train-p0", "train-bf16-p0.1"])
+def test_ia3_saves_no_more_than_peft(bench, workload):
+    """IA3: what the fused op keeps for backward (x for input scaling; y or the base for output scaling) is never
+    more than PEFT's saved base output and x."""
+    peft, fast = (_counters(bench, "ia3", workload, p) for p in ("peft", "fastpeft"))
+    assert fast["saved_bytes"] <= peft["saved_bytes"]
+
+
 @pytest.mark.parametrize("workload", ["prefill", "train-p0"])
-def test_lora_parity(bench, workload):
+@pytest.mark.parametrize("method", METHODS)
+def test_parity(bench, method, workload):
     """Speedups are only meaningful where results match: fastpeft against PEFT on the benchmarked model, fp32."""
-    _counters(bench, workload, "fastpeft")
-    diff = bench.parity(METHOD, workload)
+    _counters(bench, method, workload, "fastpeft")
+    diff = bench.parity(method, workload)
     assert harness.parity_ok(diff, bench.workload(workload).dtype), diff
