@@ -1,0 +1,142 @@
+"""Ahead-of-time compile of every shipped LoRA kernel config for CUDA targets, with no GPU.
+
+Run as a script (``python tests/_aot.py --cc 80 90 -j 2``; ``flag_variants()`` only for the last cc). It must run
+without ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit`` returns interpreted functions that cannot be
+compiled), so tests call it in a subprocess with that variable removed. Prints one JSON object per (config, cc):
+``{"id", "cc", "shared", "regs", "spill_stores", "spill_loads", "stack", "num_warps", "num_stages", "error"}``.
+
+Signatures come from the launchers themselves (``shipped_configs()`` plans each launch on meta tensors) and are
+specialized exactly as a launch would be (ints equal to 1 become constexprs, 16-divisible pointers and ints get
+``tt.divisibility``), so what compiles here is what a GPU launch compiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+PTXAS_INFO = re.compile(r"Used (\d+) registers")
+PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _ptxas() -> str:
+    """Triton's bundled newest ptxas (CUDA 13.x): plain ``ptxas`` may be older than the PTX Triton emits."""
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
+
+
+def _signature(spec):
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    signature, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(spec.kernel.params):
+        name = param.name
+        if param.is_constexpr:
+            signature[name], constexprs[name] = "constexpr", spec.constexprs[name]
+            continue
+        value = spec.args[name]
+        ty, attr = native_specialize_impl(BaseBackend, value, False, not param.do_not_specialize,
+                                          not param.do_not_specialize_on_alignment)
+        signature[name] = ty
+        if ty == "constexpr":
+            constexprs[name] = value
+        elif attr:
+            attrs[(i,)] = BaseBackend.parse_attr(attr)
+    return signature, constexprs, attrs
+
+
+def flag_variants() -> list:
+    """(id, spec): the launches with each optional feature off in turn, which shipped_configs() (all features on)
+    does not compile: every constexpr branch of every kernel is compiled at least once. One config (prefill, rank
+    64, bf16 x with fp32 adapters: the most operand casts) is enough: the flags do not change the tiles."""
+    import torch
+
+    from fastpeft.kernels.lora import _plan_bwd, _plan_fwd, _plan_mask
+
+    M, N, K, R = 4096, 4096, 4096, 64
+    bf16, f32 = torch.bfloat16, torch.float32
+    x, w, bias, a, b, lb, res, xa = (torch.empty(shape, dtype=dt, device="meta") for shape, dt in (
+        ((M, K), bf16), ((N, K), bf16), ((N,), bf16), ((R, K), f32), ((N, R), f32), ((N,), f32), ((M, N), bf16),
+        ((M, R), f32)))
+    full = dict(x=x, weight=w, bias=bias, lora_a=a, lora_b=b, lora_bias=lb, residual=res, scaling=2.0, dropout_p=0.1,
+                seed=1, weight_t=False, store_xa=True)
+    fwd = {"no-base": dict(weight=None, bias=None), "no-bias": dict(bias=None), "no-lora-bias": dict(lora_bias=None),
+           "no-residual": dict(residual=None), "no-dropout": dict(dropout_p=0.0), "no-xa": dict(store_xa=False),
+           "bare": dict(bias=None, lora_bias=None, residual=None, dropout_p=0.0)}
+    out = [(f"flags-fwd-{name}", _plan_fwd(**{**full, **over})[0]) for name, over in fwd.items()]
+    bwd = {"no-base": dict(weight=None), "no-dropout": dict(dropout_p=0.0), "no-dx": dict(need_dx=False),
+           "no-da": dict(need_da=False), "no-db": dict(need_db=False), "only-dx": dict(need_da=False, need_db=False),
+           "only-da": dict(need_dx=False, need_db=False), "only-db": dict(need_dx=False, need_da=False)}
+    args = dict(dy=res, x=x, weight=w, lora_a=a, lora_b=b, xa=xa, scaling=2.0, dropout_p=0.1, seed=1, weight_t=False,
+                need_dx=True, need_da=True, need_db=True)
+    for name, over in bwd.items():
+        for spec in _plan_bwd(**{**args, **over})[0]:
+            out.append((f"flags-{spec.name.removeprefix('lora_bwd_').removesuffix('_kernel')}-{name}", spec))
+    out.append(("flags-dropout-mask", _plan_mask(1, M, K, 0.1, "meta")[0]))
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _specs() -> dict:
+    from fastpeft.kernels.lora import shipped_configs
+
+    return dict(shipped_configs() + flag_variants())
+
+
+def compile_one(job: tuple[str, int]) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    spec_id, cc = job
+    spec = _specs()[spec_id]
+    out = dict(id=spec_id, cc=cc, num_warps=spec.num_warps, num_stages=spec.num_stages, error=None)
+    try:
+        signature, constexprs, attrs = _signature(spec)
+        compiled = triton.compile(
+            ASTSource(spec.kernel, signature, constexprs, attrs), target=GPUTarget("cuda", cc, 32),
+            options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages, enable_fp_fusion=True))
+        out["shared"] = compiled.metadata.shared
+        arch = "sm_90a" if cc == 90 else f"sm_{cc}"
+        with tempfile.TemporaryDirectory() as tmp:
+            ptx = os.path.join(tmp, "k.ptx")
+            with open(ptx, "w") as f:
+                f.write(compiled.asm["ptx"])
+            log = subprocess.run([_ptxas(), "-v", f"--gpu-name={arch}", ptx, "-o", os.path.join(tmp, "k.cubin")],
+                                 capture_output=True, text=True, check=True).stderr
+        regs, spill = PTXAS_INFO.search(log), PTXAS_SPILL.search(log)
+        out["regs"] = int(regs.group(1))
+        out["stack"], out["spill_stores"], out["spill_loads"] = (int(v) for v in spill.groups())
+    except Exception as e:  # reported per config; the test fails on it with the message
+        out["error"] = f"{type(e).__name__}: {e}"[-2000:]
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cc", type=int, nargs="+", default=[80, 90])
+    parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("-k", "--filter", default="", help="only ids containing this substring")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes"):
+        sys.exit("tests/_aot.py must run without TRITON_INTERPRET")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    # every shipped config for every target; the flag variants (same tiles) for the newest target only
+    jobs = [(spec_id, cc) for spec_id in _specs() if args.filter in spec_id
+            for cc in (args.cc[-1:] if spec_id.startswith("flags-") else args.cc)]
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for res in pool.map(compile_one, jobs):
+            print(json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    main()

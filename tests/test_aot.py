@@ -1,0 +1,100 @@
+"""Every shipped LoRA kernel config compiles for sm_80 and sm_90a, fits in shared memory and spills no registers.
+
+No GPU needed: tests/_aot.py compiles each (kernel, config, dtypes, flags) that the launchers' heuristics can pick
+(``fastpeft.kernels.lora.shipped_configs()``) with ``triton.compile(ASTSource(...), target=GPUTarget(...))`` and
+runs Triton's bundled newest ptxas (``ptxas-blackwell``) with ``-v`` on the PTX. It runs in a subprocess without
+TRITON_INTERPRET (the interpreter replaces ``@triton.jit`` kernels with uncompilable ones), once per session; the
+per-config tests only read its results. Run with ``-s`` to see the register / shared-memory table.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fastpeft.kernels.lora import shipped_configs
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _aot  # noqa: E402  (tests/ is not a package)
+
+CCS = (80, 90)
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # max dynamic shared memory per block (bytes)
+AOT_SCRIPT = Path(__file__).with_name("_aot.py")
+
+
+def _ptxas_available() -> bool:
+    try:
+        import triton
+
+        return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas-blackwell").exists()
+    except ImportError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend with ptxas-blackwell needed")
+
+IDS = [spec_id for spec_id, _ in shipped_configs()]
+FLAG_IDS = [spec_id for spec_id, _ in _aot.flag_variants()]
+
+
+@pytest.fixture(scope="session")
+def aot_results() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, str(AOT_SCRIPT), "--cc", *map(str, CCS), "-j", str(os.cpu_count() or 1)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800,
+                          cwd=AOT_SCRIPT.parent.parent)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}"
+    results = {}
+    for line in proc.stdout.splitlines():
+        r = json.loads(line)
+        results[(r["id"], r["cc"])] = r
+    _print_table(results)
+    return results
+
+
+def _print_table(results: dict) -> None:
+    print(f"\n{'config':42s} {'warps':>5s} {'stages':>6s} | " + " | ".join(
+        f"sm_{cc} regs spill(st/ld) smem(KiB)" for cc in CCS))
+    for spec_id in IDS + FLAG_IDS:
+        row = [results.get((spec_id, cc)) for cc in CCS]
+        cells = []
+        for r in row:
+            if r is None:
+                cells.append(f"{'-':>33s}")
+            elif r["error"]:
+                cells.append(f"{'ERROR':>33s}")
+            else:
+                cells.append(f"{r['regs']:>12d} {r['spill_stores']:>5d}/{r['spill_loads']:<5d} "
+                             f"{r['shared'] / 1024:>9.1f}")
+        first = next(r for r in row if r is not None)
+        print(f"{spec_id:42s} {first['num_warps']:>5d} {first['num_stages']:>6d} | " + " | ".join(cells))
+
+
+@pytest.mark.parametrize("spec_id,cc", [(i, cc) for i in IDS for cc in CCS] + [(i, CCS[-1]) for i in FLAG_IDS],
+                         ids=[f"{i}-sm{cc}" for i in IDS for cc in CCS] + [f"{i}-sm{CCS[-1]}" for i in FLAG_IDS])
+def test_compiles_without_spills(aot_results, spec_id, cc):
+    r = aot_results[(spec_id, cc)]
+    assert r["error"] is None, f"{spec_id} sm_{cc}: {r['error']}"
+    assert r["spill_stores"] == 0 and r["spill_loads"] == 0, (
+        f"{spec_id} sm_{cc}: {r['regs']} registers, spills {r['spill_stores']} B stored / {r['spill_loads']} B loaded")
+    assert r["shared"] <= SHARED_LIMIT[cc], f"{spec_id} sm_{cc}: {r['shared']} B shared > {SHARED_LIMIT[cc]} B"
+
+
+def test_every_heuristic_choice_is_shipped():
+    """Every config the heuristics can return is in shipped_configs() (so the test above covers it)."""
+    import torch
+
+    from fastpeft.kernels import lora
+
+    shipped = {(s.name, s.num_warps, s.num_stages, s.constexprs["BM"], s.constexprs["BN"], s.constexprs["BK"])
+               for _, s in shipped_configs()}
+    for x_dt, a_dt in [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float32,) * 2]:
+        for M in (1, 16, 17, 4096):
+            for R in (1, 16, 64, 65, 128, 129, 256):
+                f = lora._fwd_config(M, 4096, 4096, R, x_dt, a_dt)
+                dx, dw = lora._bwd_config(M, 4096, 4096, R, x_dt, a_dt)
+                for name, c in (("lora_fwd_kernel", f), ("lora_bwd_dx_kernel", dx), ("lora_bwd_dw_kernel", dw)):
+                    assert (name, c.num_warps, c.num_stages, c.BM, c.BN, c.BK) in shipped, (name, M, R, c)
