@@ -151,3 +151,33 @@ def test_ia3_zero_entry_saves_base_instead_of_dividing():
     for n in ref[2]:
         assert torch.isfinite(got[2][n]).all(), n
         assert_close(got[2][n], ref[2][n], name=n)
+
+
+def test_ia3_unsupported_layers_keep_peft_forward_and_are_reported():
+    """IA3 on Conv2d has no fused kernel: it keeps PEFT's forward, is named in the report, one warning."""
+    from peft import IA3Config, get_peft_model
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.lin = torch.nn.Linear(4, 5)
+
+        def forward(self, x):
+            return self.lin(self.conv(x).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), IA3Config(target_modules=["conv", "lin"], feedforward_modules=["lin"]))
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        ref = model(x)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fastpeft.patch(model)
+    ours = [w for w in caught if "fastpeft" in str(w.message)]
+    assert len(ours) == 1 and "Conv2d" in str(ours[0].message)
+    rep = fastpeft.report(model)
+    assert list(rep.fused) == ["base_model.model.lin"]
+    assert "Conv2d" in rep.fallback["base_model.model.conv"]
+    with torch.no_grad():
+        assert_close(model(x), ref)
