@@ -53,8 +53,8 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+
+from fastpeft.testing import OpCounter, excluded_op
 
 __all__ = [
     "PROVIDERS", "MODES", "LLAMA_LINEARS", "REFERENCE_MODEL", "SMOKE_MODEL", "Workload", "Scale", "SCALES",
@@ -159,41 +159,6 @@ register_method(Method("ia3", _ia3_config, workloads=("decode-B1", "decode-B8", 
 
 
 # Counters
-
-
-_EXCLUDED_BY_NAME = ("aten::_unsafe_view", "aten::_local_scalar_dense")
-
-
-def excluded_op(func) -> bool:
-    """True for the ops that ``ops`` does not count: views, ``_unsafe_view`` and ``.item()`` (see module doc)."""
-    schema = func._schema
-    if schema.name in _EXCLUDED_BY_NAME:
-        return True
-    return any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
-
-
-def _nbytes(tree) -> int:
-    return sum(t.numel() * t.element_size() for t in tree_leaves(tree) if isinstance(t, torch.Tensor))
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts ops (``excluded_op`` aside) and the bytes of their tensor inputs and outputs."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: collections.Counter = collections.Counter()
-        self.bytes = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if not excluded_op(func):
-            self.ops[str(func)] += 1
-            self.bytes += _nbytes((args, kwargs)) + _nbytes(out)
-        return out
-
-    @property
-    def total(self) -> int:
-        return sum(self.ops.values())
 
 
 def count_ops(fn: Callable[[], Any]) -> OpCounter:

@@ -1,4 +1,4 @@
-"""The one tolerance table, and the comparison every test uses.
+"""The one tolerance table, the comparison every test uses, and the op counter tests and benchmarks share.
 
 Low-precision results are judged against an fp32 (or fp64) oracle by *error ratio*: the fused op's error must be
 no worse than a small multiple of the error that the eager low-precision path (PEFT's own computation in that
@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import collections
+
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-__all__ = ["Tolerance", "TOLERANCES", "tolerance", "assert_close", "assert_close_ratio"]
+__all__ = ["Tolerance", "TOLERANCES", "tolerance", "assert_close", "assert_close_ratio", "excluded_op", "OpCounter"]
 
 
 @dataclass(frozen=True)
@@ -71,3 +75,49 @@ def assert_close_ratio(actual: Tensor, eager: Tensor, oracle: Tensor, dtype: tor
     err, ref_err = _max_err(actual, oracle), _max_err(eager, oracle)
     bound = tol.ratio * ref_err + tol.atol + 1e-2 * tol.rtol * scale
     assert err <= bound, f"{name}: err {err:.3e} > {tol.ratio} x eager err {ref_err:.3e} (+floor; scale {scale:.3e})"
+
+
+# Op counting --------------------------------------------------------------------------------------------------
+
+_EXCLUDED_BY_NAME = ("aten::_unsafe_view", "aten::_local_scalar_dense")
+
+
+def excluded_op(func) -> bool:
+    """The ops an op count leaves out: (1) views, ops whose schema returns an alias of an input that they do not
+    write (view, t, transpose, slice, expand, detach, split...); (2) ``aten._unsafe_view``, matmul's reshape of its
+    own fresh result, a view the schema does not mark; (3) ``aten._local_scalar_dense``, ``.item()``."""
+    schema = func._schema
+    if schema.name in _EXCLUDED_BY_NAME:
+        return True
+    return any(r.alias_info is not None and not r.alias_info.is_write for r in schema.returns)
+
+
+def _nbytes(tree) -> int:
+    return sum(t.numel() * t.element_size() for t in tree_leaves(tree) if isinstance(t, torch.Tensor))
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ops that reach dispatch (``excluded_op`` aside) and the bytes of their tensor inputs and outputs.
+
+    A fastpeft custom op counts as one: the mode is off while an op runs, so its inner aten calls are not seen.
+    ``names`` lists the counted ops in order by packet name ("aten.mm", "fastpeft.lora_linear"); ``ops`` counts
+    them by overload.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+        self.names: list[str] = []
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not excluded_op(func):
+            self.ops[str(func)] += 1
+            self.names.append(str(func.overloadpacket))
+            self.bytes += _nbytes((args, kwargs)) + _nbytes(out)
+        return out
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())

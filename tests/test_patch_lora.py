@@ -13,10 +13,9 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastpeft
-from fastpeft.testing import assert_close, assert_close_ratio
+from fastpeft.testing import OpCounter, assert_close, assert_close_ratio
 from models import base_model, lora_config, lora_model, model_inputs, stack_normalized
 
 F32, BF16 = torch.float32, torch.bfloat16
@@ -387,26 +386,15 @@ def test_compile_aot_eager_same_results(llama, inputs):
         torch._dynamo.reset()
 
 
-class OpCount(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not (func.is_view or func is torch.ops.aten._unsafe_view.default):
-            self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 def decode_step_ops(model, inputs):
     """Non-view ops of one no-grad decode step (one token against the prefilled KV cache)."""
     with torch.no_grad():
         out = model(**inputs, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
         mask = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], 1)
-        with OpCount() as log:
+        with OpCounter() as log:
             model(input_ids=nxt, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
-    return log.ops
+    return log.names
 
 
 def test_decode_step_op_count(llama):
