@@ -94,10 +94,6 @@ def test_ia3_opcheck():
                               test_utils=("test_schema", "test_faketensor"))
 
 
-kernels = pytest.importorskip("fastpeft.kernels.lora")
-
-
-@pytest.mark.skipif(not hasattr(kernels, "ia3_fwd"), reason="Triton IA3 kernels not built yet")
 @pytest.mark.parametrize("scale_input", [False, True], ids=["out", "in"])
 @pytest.mark.parametrize("weight_t", [False, True], ids=["linear", "conv1d"])
 @pytest.mark.parametrize("dts", [DTYPES[0], DTYPES[2]], ids=_ids)
