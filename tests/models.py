@@ -21,7 +21,7 @@ import warnings
 import torch
 
 __all__ = ["FAMILIES", "DECODER_ONLY", "VOCAB", "PAD", "base_config", "base_model", "model_inputs", "lora_config",
-           "lora_model", "stack_normalized"]
+           "lora_model"]
 
 FAMILIES = ("llama", "gpt2", "bloom", "t5", "bert")
 DECODER_ONLY = ("llama", "gpt2", "bloom")
@@ -126,15 +126,3 @@ def lora_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, a
         torch.manual_seed(seed + 1 if adapter_seed is None else adapter_seed)
         pm = get_peft_model(model, lora_config(family, **lora_kwargs), adapter_name=adapter_name)
     return pm.eval()
-
-
-def stack_normalized(grads: dict, oracle: dict) -> torch.Tensor:
-    """All of a model's gradients as one fp64 vector, each tensor divided by the max |oracle| of that tensor.
-
-    For judging a whole low-precision backward by error ratio: the rounding noise of one tensor's gradient,
-    after backprop through a bf16 network, is a single random draw (per-tensor fused/eager error ratios spread
-    from 0.2 to 3 with a geometric mean near 1), while the maximum over every tensor's *relative* error is a
-    stable statistic. A wrong gradient in any single tensor is still an O(1) relative error here.
-    """
-    return torch.cat([(grads[n].double() / oracle[n].double().abs().max().clamp_min(1e-30)).flatten()
-                      for n in sorted(oracle)])

@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 from fastpeft.kernels import lora as lora_mod
-from fastpeft.kernels.lora import _dropout_keep, lora_bwd, lora_dropout_mask, lora_fwd
+from fastpeft.kernels.adapted_linear import _dropout_keep
+from fastpeft.kernels.lora import lora_bwd, lora_dropout_mask, lora_fwd
 from fastpeft.reference import lora_linear_ref
 from fastpeft.testing import assert_close_ratio
 

@@ -20,8 +20,8 @@ from torch import nn
 import fastpeft
 import fastpeft.lora
 from fastpeft.ops.linear import keep_mask_torch
-from fastpeft.testing import assert_close, assert_close_ratio
-from models import DECODER_ONLY, FAMILIES, base_model, lora_model, model_inputs, stack_normalized
+from fastpeft.testing import assert_close, assert_close_ratio, stack_normalized
+from models import DECODER_ONLY, FAMILIES, base_model, lora_model, model_inputs
 
 F32, BF16 = torch.float32, torch.bfloat16
 

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 import fastpeft
-from fastpeft.testing import OpCounter, assert_close, assert_close_ratio
-from models import base_model, lora_config, lora_model, model_inputs, stack_normalized
+from fastpeft.testing import OpCounter, assert_close, assert_close_ratio, stack_normalized
+from models import base_model, lora_config, lora_model, model_inputs
 
 F32, BF16 = torch.float32, torch.bfloat16
 
