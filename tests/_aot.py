@@ -1,4 +1,4 @@
-"""Ahead-of-time compile of every shipped LoRA kernel config for CUDA targets, with no GPU.
+"""Ahead-of-time compile of every shipped LoRA and IA3 kernel config for CUDA targets, with no GPU.
 
 Run as a script (``python tests/_aot.py --cc 80 90 -j 2``; ``flag_variants()`` only for the last cc). It must run
 without ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit`` returns interpreted functions that cannot be
@@ -80,8 +80,42 @@ def flag_variants() -> list:
                 need_dx=True, need_da=True, need_db=True)
     for name, over in bwd.items():
         for spec in _plan_bwd(**{**args, **over})[0]:
-            out.append((f"flags-{spec.name.removeprefix('lora_bwd_').removesuffix('_kernel')}-{name}", spec))
+            out.append((f"flags-{spec.name.removeprefix('lora_bwd_')}-{name}", spec))
     out.append(("flags-dropout-mask", _plan_mask(1, M, K, 0.1, "meta")[0]))
+    return out + _ia3_flag_variants()
+
+
+def _ia3_flag_variants() -> list:
+    """IA3's flag combinations beyond shipped_configs() (prefill, bf16 x, fp32 vector): no bias, no stored base,
+    dx or dl alone, dl from the stored base, the Conv1D weight layout, and fp16 x with a bf16 vector (x rounded
+    to the vector's dtype before scaling)."""
+    import torch
+
+    from fastpeft.kernels.ia3 import _plan_ia3_bwd, _plan_ia3_fwd
+
+    def launches(x_dt, l_dt, scale_input):
+        M, N, K = 4096, 4096, 4096
+        x, w, bias, dy = (torch.empty(s, dtype=x_dt, device="meta") for s in ((M, K), (N, K), (N,), (M, N)))
+        l = torch.empty(K if scale_input else N, dtype=l_dt, device="meta")
+        fwd = dict(x=x, weight=w, bias=bias, l=l, scale_input=scale_input, weight_t=False, store_base=True)
+        bwd = dict(dy=dy, saved=x if scale_input else dy, weight=w, l=l, scale_input=scale_input, weight_t=False,
+                   saved_is_base=False, need_dx=True, need_dl=True)
+        wt = dict(weight=torch.empty((K, N), dtype=x_dt, device="meta"), weight_t=True)
+        return fwd, bwd, wt
+
+    out = []
+    for scale_input in (False, True):
+        mode = "in" if scale_input else "out"
+        fwd, bwd, wt = launches(torch.bfloat16, torch.float32, scale_input)
+        fwd_var = {"no-bias": dict(bias=None, store_base=False), "wt": wt}
+        bwd_var = {"only-dx": dict(need_dl=False), "only-dl": dict(need_dx=False), "wt": wt}
+        if not scale_input:
+            bwd_var["base"] = dict(saved_is_base=True)
+        out += [(f"flags-ia3-fwd-{mode}-{name}", _plan_ia3_fwd(**{**fwd, **over})[0]) for name, over in fwd_var.items()]
+        out += [(f"flags-ia3-dx-{mode}-{name}", _plan_ia3_bwd(**{**bwd, **over})[0]) for name, over in bwd_var.items()]
+        fwd, bwd, _ = launches(torch.float16, torch.bfloat16, scale_input)
+        out += [(f"flags-ia3-fwd-{mode}-fp16x-bf16l", _plan_ia3_fwd(**fwd)[0]),
+                (f"flags-ia3-dx-{mode}-fp16x-bf16l", _plan_ia3_bwd(**bwd)[0])]
     return out
 
 

@@ -1,4 +1,4 @@
-"""Every shipped LoRA kernel config compiles for sm_80 and sm_90a, fits in shared memory and spills no registers.
+"""Every shipped LoRA and IA3 kernel config compiles for sm_80 and sm_90a, fits in shared memory, spills nothing.
 
 No GPU needed: tests/_aot.py compiles each (kernel, config, dtypes, flags) that the launchers' heuristics can pick
 (``fastpeft.kernels.lora.shipped_configs()``) with ``triton.compile(ASTSource(...), target=GPUTarget(...))`` and
@@ -87,7 +87,7 @@ def test_every_heuristic_choice_is_shipped():
     """Every config the heuristics can return is in shipped_configs() (so the test above covers it)."""
     import torch
 
-    from fastpeft.kernels import lora
+    from fastpeft.kernels import _common, lora
 
     shipped = {(s.name, s.num_warps, s.num_stages, s.constexprs["BM"], s.constexprs["BN"], s.constexprs["BK"])
                for _, s in shipped_configs()}
@@ -96,5 +96,9 @@ def test_every_heuristic_choice_is_shipped():
             for R in (1, 16, 64, 65, 128, 129, 256):
                 f = lora._fwd_config(M, 4096, 4096, R, x_dt, a_dt)
                 dx, dw = lora._bwd_config(M, 4096, 4096, R, x_dt, a_dt)
-                for name, c in (("lora_fwd_kernel", f), ("lora_bwd_dx_kernel", dx), ("lora_bwd_dw_kernel", dw)):
+                for name, c in (("lora_fwd", f), ("lora_bwd_dx", dx), ("lora_bwd_dw", dw)):
                     assert (name, c.num_warps, c.num_stages, c.BM, c.BN, c.BK) in shipped, (name, M, R, c)
+    for x_dt in (torch.float16, torch.bfloat16, torch.float32):
+        for M in (1, 16, 17, 4096):
+            for name, c in zip(("ia3_fwd", "ia3_bwd_dx"), _common._ia3_config(M, x_dt)):
+                assert (name, c.num_warps, c.num_stages, c.BM, c.BN, c.BK) in shipped, (name, M, x_dt, c)
