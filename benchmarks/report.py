@@ -4,7 +4,8 @@ Prints a markdown table of what the issue asks for -- decode ops per token (base
 ratios at B=1 and B=8, train-step saved MiB at dropout 0 and 0.1, the train-step time ratio, the bf16 check -- then
 the targets, each met or missed, from the same run. Progress goes to stderr. Every number is measured here.
 
-Options: ``--scale smoke`` runs the tiny model (a check of this script), ``--decode-rounds``, ``--train-steps``.
+Options: ``--method lora|ia3|all`` (default all), ``--scale smoke`` runs the tiny model (a check of this script),
+``--decode-rounds``, ``--train-steps``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import torch
 from benchmarks import harness
 from benchmarks.harness import MiB
 
-METHOD = "lora"
 _T0 = time.perf_counter()
 
 
@@ -33,9 +33,14 @@ def _ratio(t: harness.Timing, p: str, q: str) -> str:
     return f"{t.ratio(p, q):.3f}x (IQR {lo:.2f}-{hi:.2f})"
 
 
-def measure(bench: harness.Bench, decode_rounds: int, train_steps: int) -> dict:
-    """Every number of the report, measured on ``bench``."""
-    r: dict = {"counters": {}, "timing": {}}
+def _train_workloads(bench: harness.Bench, method: str) -> list[str]:
+    return [w for w in ("train-p0", "train-p0.1") if w in bench.workloads(method)]
+
+
+def measure(bench: harness.Bench, method: str, decode_rounds: int, train_steps: int) -> dict:
+    """Every number of one method's report, measured on ``bench``."""
+    r: dict = {"counters": {}, "timing": {}, "method": method}
+    METHOD = method  # noqa: N806
 
     def counters(workload: str, providers=harness.PROVIDERS):
         for p in providers:
@@ -56,22 +61,54 @@ def measure(bench: harness.Bench, decode_rounds: int, train_steps: int) -> dict:
     log("timing: prefill, providers interleaved")
     r["timing"]["prefill"] = bench.interleaved(METHOD, "prefill")
 
-    for w in ("train-p0", "train-p0.1"):
+    for w in _train_workloads(bench, method):
         counters(w)
         log(f"timing: {w}, {train_steps} steps per provider, interleaved")
         r["timing"][w] = bench.interleaved(METHOD, w, rounds=1, steps=train_steps)
-    counters("train-bf16-p0.1", providers=("peft", "fastpeft"))
+    if "train-bf16-p0.1" in bench.workloads(method):
+        counters("train-bf16-p0.1", providers=("peft", "fastpeft"))
     return r
 
 
 def _targets(r: dict) -> list[tuple[str, str, bool]]:
-    c, t = r["counters"], r["timing"]
-    out = []
+    return (_lora_targets if r["method"] == "lora" else _ia3_targets)(r)
+
+
+def _decode_ops_target(c: dict) -> tuple[str, str, bool]:
     base_ops, fast_ops = c["decode-B1", "base"]["ops"], c["decode-B1", "fastpeft"]["ops"]
     base_gen, fast_gen = c["decode-B1", "base"]["generate_ops"], c["decode-B1", "fastpeft"]["generate_ops"]
-    out.append(("decode ops per token equal to the base model's",
-                f"{fast_ops} vs {base_ops} (in generate(): {fast_gen} vs {base_gen})",
-                fast_ops == base_ops and fast_gen == base_gen))
+    return ("decode ops per token equal to the base model's",
+            f"{fast_ops} vs {base_ops} (in generate(): {fast_gen} vs {base_gen})",
+            fast_ops == base_ops and fast_gen == base_gen)
+
+
+def _parity_gate(r: dict, out: list) -> list:
+    if r["parity_ok"]:
+        return out
+    return [(n, v + " (parity FAILED)", False) if "time" in n or "overhead" in n else (n, v, ok) for n, v, ok in out]
+
+
+def _ia3_targets(r: dict) -> list[tuple[str, str, bool]]:
+    """Issue 3: decode ops = base; decode within 3% of base; train saved <= PEFT's, time <= 0.9x PEFT's."""
+    c, t = r["counters"], r["timing"]
+    out = [_decode_ops_target(c)]
+    for w in ("decode-B1", "decode-B8"):
+        fo, po = t[w].ratio("fastpeft", "base") - 1, t[w].ratio("peft", "base") - 1
+        out.append((f"{w}: time within 3% of the base model's", f"fastpeft {fo * 100:+.1f}% (PEFT {po * 100:+.1f}%)",
+                    fo <= 0.03))
+    f0, p0 = c["train-p0", "fastpeft"], c["train-p0", "peft"]
+    out.append(("train step: saved bytes at most PEFT's",
+                f"{f0['saved_bytes'] / MiB:.2f} vs {p0['saved_bytes'] / MiB:.2f} MiB",
+                f0["saved_bytes"] <= p0["saved_bytes"]))
+    out.append(("train step: time at most 0.9x PEFT's", _ratio(t["train-p0"], "fastpeft", "peft"),
+                t["train-p0"].ratio("fastpeft", "peft") <= 0.9))
+    return _parity_gate(r, out)
+
+
+def _lora_targets(r: dict) -> list[tuple[str, str, bool]]:
+    c, t = r["counters"], r["timing"]
+    out = []
+    out.append(_decode_ops_target(c))
     for w in ("decode-B1", "decode-B8"):
         fo, po = t[w].ratio("fastpeft", "base") - 1, t[w].ratio("peft", "base") - 1
         out.append((f"{w}: overhead over base at most half of PEFT's",
@@ -89,9 +126,7 @@ def _targets(r: dict) -> list[tuple[str, str, bool]]:
     ratio = t["train-p0.1"].ratio("fastpeft", "peft")
     out.append(("train p=0.1: step time at most 0.9x PEFT's", _ratio(t["train-p0.1"], "fastpeft", "peft"),
                 ratio <= 0.9))
-    if not r["parity_ok"]:  # a speedup counts only where results match
-        out = [(n, v + " (parity FAILED)", False) if "time" in n or "overhead" in n else (n, v, ok)
-               for n, v, ok in out]
+    out = _parity_gate(r, out)  # a speedup counts only where results match
     fb, pb = c["train-bf16-p0.1", "fastpeft"], c["train-bf16-p0.1", "peft"]
     out.append(("bf16 model, fp32 adapters: no fp32 copy of x saved",
                 f"fastpeft {fb['saved_wide_x_bytes'] / MiB:.2f} MiB, PEFT {pb['saved_wide_x_bytes'] / MiB:.2f} MiB",
@@ -104,13 +139,16 @@ def render(bench: harness.Bench, r: dict) -> str:
     import peft
     import transformers
 
-    m = bench.scale.model
+    m, method = bench.scale.model, r["method"]
+    adapter = ("LoRA r=16 alpha=32 on q,k,v,o,gate,up,down" if method == "lora" else
+               "IA3 on k_proj, v_proj (output scaling) and down_proj (feed-forward, input scaling)")
     lines = [
-        f"### fastpeft LoRA vs PEFT ({bench.scale.name} workload, measured {time.strftime('%Y-%m-%d')})",
+        f"### fastpeft {method.upper() if method == 'ia3' else 'LoRA'} vs PEFT ({bench.scale.name} workload, "
+        f"measured {time.strftime('%Y-%m-%d')})",
         "",
         f"Llama hidden {m['hidden_size']}, intermediate {m['intermediate_size']}, {m['num_hidden_layers']} layers, "
-        f"{m['num_attention_heads']} heads ({m['num_key_value_heads']} KV), vocab {m['vocab_size']}; LoRA r=16 "
-        f"alpha=32 on q,k,v,o,gate,up,down. Device {bench.device} "
+        f"{m['num_attention_heads']} heads ({m['num_key_value_heads']} KV), vocab {m['vocab_size']}; {adapter}. "
+        f"Device {bench.device} "
         f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)); torch "
         f"{torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}. Times are medians "
         f"of per-step paired ratios, providers interleaved round-robin in one run.",
@@ -140,7 +178,7 @@ def render(bench: harness.Bench, r: dict) -> str:
     wp = bench.workload("prefill")
     lines.append(row(f"prefill time ratio to base, B={wp.batch} T={wp.seq}", lambda v: v,
                      lambda p: "1" if p == "base" else _ratio(t["prefill"], p, "base")))
-    for w in ("train-p0", "train-p0.1"):
+    for w in _train_workloads(bench, method):
         wt = bench.workload(w)
         tag = f"train step B={wt.batch} T={wt.seq} dropout {wt.dropout:g}"
         lines.append(row(f"{tag}: saved for backward", lambda v: f"{v / MiB:.2f} MiB",
@@ -151,9 +189,10 @@ def render(bench: harness.Bench, r: dict) -> str:
         lines.append(row(f"{tag}: time", lambda v: f"{v:.3f} s", lambda p: t[w].median(p)))
         lines.append(row(f"{tag}: time ratio to PEFT", lambda v: v,
                          lambda p: "1" if p == "peft" else _ratio(t[w], p, "peft")))
-    lines.append("| bf16 model, fp32 adapters, dropout 0.1: fp32 copies of x saved | n/a | "
-                 f"{c['train-bf16-p0.1', 'peft']['saved_wide_x_bytes'] / MiB:.2f} MiB | "
-                 f"{c['train-bf16-p0.1', 'fastpeft']['saved_wide_x_bytes'] / MiB:.2f} MiB |")
+    if ("train-bf16-p0.1", "fastpeft") in c:
+        lines.append(f"| bf16 model, fp32 adapters: fp32 copies of x saved | n/a | "
+                     f"{c['train-bf16-p0.1', 'peft']['saved_wide_x_bytes'] / MiB:.2f} MiB | "
+                     f"{c['train-bf16-p0.1', 'fastpeft']['saved_wide_x_bytes'] / MiB:.2f} MiB |")
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     lines += [f"| {name} | {value} | {'yes' if ok else '**no**'} |" for name, value, ok in _targets(r)]
     lines += ["", "Counter definitions: `benchmarks/harness.py` module docstring."]
@@ -162,6 +201,7 @@ def render(bench: harness.Bench, r: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--method", default="all", choices=["all", *harness.METHODS])
     ap.add_argument("--scale", default="full", choices=sorted(harness.SCALES))
     ap.add_argument("--decode-rounds", type=int, default=None, help="interleaved decode rounds (default: 5 full)")
     ap.add_argument("--train-steps", type=int, default=None, help="timed train steps per provider (default: 10 full)")
@@ -169,9 +209,11 @@ def main(argv=None) -> int:
     full = args.scale == "full"
     bench = harness.Bench(args.scale, log=log)
     log(f"device {bench.device}, scale {args.scale}")
-    r = measure(bench, args.decode_rounds or (5 if full else 1), args.train_steps or (10 if full else 2))
+    methods = list(harness.METHODS) if args.method == "all" else [args.method]
+    for method in methods:
+        r = measure(bench, method, args.decode_rounds or (5 if full else 1), args.train_steps or (10 if full else 2))
+        print(render(bench, r) + "\n", flush=True)
     log("done")
-    print(render(bench, r))
     return 0
 
 
