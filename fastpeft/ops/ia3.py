@@ -22,6 +22,7 @@ rounded to x's dtype before the matmul (as PEFT's ``.to(previous_dtype)`` does),
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .linear import AUTO, _lib, _use_triton
@@ -51,12 +52,13 @@ def _check(x: Tensor, weight: Tensor, scale: Tensor, scale_input: bool, weight_t
     return k, n
 
 
-def _ia3_fwd_torch(x2, weight, bias, l, scale_input, weight_t, save_base):
-    w = weight if weight_t else weight.t()
+def _ia3_fwd_torch(x, weight, bias, l, scale_input, weight_t, save_base):
+    """On x of any rank: F.linear folds the leading dims in C++, so no reshapes on the decode path."""
+    w = weight.t() if weight_t else weight  # [N, K] view
     if scale_input:
-        x2 = (x2 * l).to(x2.dtype)  # the one temporary: a matmul cannot read a scaled operand in place
-        return (torch.mm(x2, w) if bias is None else torch.addmm(bias, x2, w)), None
-    base = torch.mm(x2, w) if bias is None else torch.addmm(bias, x2, w)
+        x = (x * l).to(x.dtype)  # the one temporary: a matmul cannot read a scaled operand in place
+        return F.linear(x, w, bias), None
+    base = F.linear(x, w, bias)
     if save_base:
         return base.mul(l).to(base.dtype), base
     return base.mul_(l), None  # in place; a wider l is applied in its dtype and rounded once, like PEFT
@@ -64,16 +66,18 @@ def _ia3_fwd_torch(x2, weight, bias, l, scale_input, weight_t, save_base):
 
 def _ia3_linear_impl(x, weight, bias, scale, scale_input, weight_t, save_base, backend):
     k, n = _check(x, weight, scale, scale_input, weight_t)
-    x2, l = x.reshape(-1, k), scale.reshape(-1)
+    l = scale.view(-1)
     if _use_triton(x, backend):
         from fastpeft.kernels.lora import ia3_fwd
 
-        y, base = ia3_fwd(x2, weight, bias, l, scale_input=scale_input, weight_t=weight_t, store_base=save_base)
+        y, base = ia3_fwd(x.reshape(-1, k), weight, bias, l, scale_input=scale_input, weight_t=weight_t,
+                          store_base=save_base)
+        y = y.view(*x.shape[:-1], n)
     else:
-        y, base = _ia3_fwd_torch(x2, weight, bias, l, scale_input, weight_t, save_base)
+        y, base = _ia3_fwd_torch(x, weight, bias, l, scale_input, weight_t, save_base)
     if base is None or scale_input or not save_base:
-        base = x.new_empty((0,))
-    return y.view(*x.shape[:-1], n), base
+        return y, x.new_empty((0,))
+    return y, base.view(-1, n)
 
 
 def _ia3_linear_backward_impl(dy, saved, weight, scale, scale_input, weight_t, saved_is_base, need_dx, need_dl,
