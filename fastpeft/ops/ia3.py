@@ -96,12 +96,12 @@ def _ia3_linear_backward_impl(dy, saved, weight, scale, scale_input, weight_t, s
         if scale_input:
             t = torch.mm(dy2, w)  # [M, K] = dY W, shared by dX and dl
             if need_dl:
-                dl = torch.einsum("mk,mk->k", s2.float(), t.float())
+                dl = torch.mul(s2.float(), t.float()).sum(0)  # fp32; einsum lowers to a bmm 25x slower
             if need_dx:
                 dx = t.mul_(l) if t.dtype == l.dtype else t.mul(l).to(t.dtype)
         else:
             if need_dl:
-                dl = torch.einsum("mn,mn->n", s2.float(), dy2.float())
+                dl = torch.mul(s2.float(), dy2.float()).sum(0)
                 if not saved_is_base:
                     dl = dl.div_(l.float())
             if need_dx:
