@@ -17,6 +17,14 @@ def device():
 
 
 @pytest.fixture
+def dev(device):
+    """Where the Triton kernels run: a GPU, or CPU tensors under the interpreter (skipped if neither)."""
+    if not (INTERPRET or torch.cuda.is_available()):
+        pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1")
+    return "cuda" if torch.cuda.is_available() and not INTERPRET else device
+
+
+@pytest.fixture
 def poison_empty(monkeypatch):
     """Fresh allocations come back NaN-filled, so an output a kernel forgets to write fails loudly."""
     real_empty, real_empty_like = torch.empty, torch.empty_like

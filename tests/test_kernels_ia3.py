@@ -6,8 +6,6 @@ fp32 is compared with the fp32 tolerance; anything in lower precision by error r
 (fastpeft.testing.assert_close_ratio): the kernel may be at most ``ratio`` times as wrong as PEFT's eager path.
 """
 
-import os
-
 import pytest
 import torch
 
@@ -16,19 +14,10 @@ from fastpeft.kernels.lora import ia3_bwd, ia3_fwd
 from fastpeft.reference import base_linear_ref, ia3_linear_ref
 from fastpeft.testing import assert_close, assert_close_ratio
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-pytestmark = [
-    pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()), reason="needs CUDA or TRITON_INTERPRET=1"),
-    pytest.mark.usefixtures("poison_empty"),
-]
+pytestmark = pytest.mark.usefixtures("poison_empty")
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 NAMES = {F32: "fp32", F16: "fp16", BF16: "bf16"}
-
-
-@pytest.fixture
-def dev(device):
-    return "cuda" if torch.cuda.is_available() and not INTERPRET else device
 
 
 def _case(dev, M, K, N, x_dt, l_dt, scale_input, *, weight_t=False, bias=True, seed=0):

@@ -5,8 +5,6 @@ interpreter shapes are kept small. Low precision is judged by error ratio agains
 (fastpeft.testing.assert_close_ratio): the kernel may be at most ``ratio`` times as wrong as PEFT's eager path.
 """
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,19 +17,10 @@ from fastpeft.kernels.lora import lora_bwd, lora_dropout_mask, lora_fwd
 from fastpeft.reference import lora_linear_ref
 from fastpeft.testing import assert_close_ratio
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-pytestmark = [
-    pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()), reason="needs CUDA or TRITON_INTERPRET=1"),
-    pytest.mark.usefixtures("poison_empty"),
-]
+pytestmark = pytest.mark.usefixtures("poison_empty")
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 NAMES = {F32: "fp32", F16: "fp16", BF16: "bf16"}
-
-
-@pytest.fixture
-def dev(device):
-    return "cuda" if torch.cuda.is_available() and not INTERPRET else device
 
 
 def _case(dev, M, K, N, R, x_dt, a_dt, *, weight=True, weight_t=False, bias=True, lora_bias=True, residual=False,
