@@ -61,11 +61,28 @@ def _dispatch_table() -> dict[type, Handler]:
 _FUSED_CLASSES: dict[type, type] = {}
 
 
+def _fused_name(cls: type) -> str:
+    """A module-level name for the fused subclass of ``cls``, e.g. ``Fused_peft_tuners_lora_layer_Linear``."""
+    return f"Fused_{cls.__module__.replace('.', '_')}_{cls.__name__}"
+
+
 def _fused_class(cls: type, forward: Callable) -> type:
+    """The fused subclass of a PEFT layer class. It is named in this module (see ``__getattr__`` below), so a
+    patched model pickles (``torch.save(model)``) and unpickles in a fresh process."""
     if cls not in _FUSED_CLASSES:
-        _FUSED_CLASSES[cls] = type(f"Fused{cls.__name__}", (cls,), {"forward": forward, "_fastpeft_orig_class": cls,
-                                                                     "__module__": cls.__module__})
+        name = _fused_name(cls)
+        _FUSED_CLASSES[cls] = type(name, (cls,), {"forward": forward, "_fastpeft_orig_class": cls,
+                                                  "__module__": __name__, "__qualname__": name})
     return _FUSED_CLASSES[cls]
+
+
+def __getattr__(name: str) -> type:
+    # PEP 562: pickle looks fused classes up by name; rebuild them on demand from the dispatch table.
+    if name.startswith("Fused_"):
+        for cls, handler in _dispatch_table().items():
+            if _fused_name(cls) == name:
+                return _fused_class(cls, handler.forward)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _check_backend(model: nn.Module, backend: str) -> int:

@@ -404,3 +404,24 @@ def test_decode_step_op_count(llama):
     assert fused.count("fastpeft.lora_linear") == len(fastpeft.report(fm).fused) == 14
     assert len(fused) == len(base)
     assert len(peft) > len(base)
+
+
+def test_patched_model_pickles_and_loads_in_a_fresh_process(tmp_path):
+    """torch.save of a whole patched model: the fused classes are importable by name, so a fresh process loads
+    it without having patched anything, and it still runs fused with the same logits."""
+    model = fastpeft.patch(lora_model("llama"))
+    inputs = model_inputs("llama", labels=False)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    torch.save({"model": model, "inputs": inputs, "ref": ref}, tmp_path / "m.pt")
+    code = textwrap.dedent(f"""
+        import torch
+        d = torch.load({str(tmp_path / "m.pt")!r}, weights_only=False)
+        m = d["model"]
+        kinds = {{type(mod).__name__ for mod in m.modules()}}
+        assert any(k.startswith("Fused_") for k in kinds), kinds
+        with torch.no_grad():
+            assert torch.equal(m(**d["inputs"]).logits, d["ref"])
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
