@@ -48,6 +48,9 @@ def fused_lora_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.T
     variants = d["lora_variant"]
     if not active or (variants and any(name in variants for name in active)):
         return peft_forward(self, x)  # no adapter on this layer, or DoRA & co. added after patching
+    dropout = mods["lora_dropout"]._modules
+    if any(getattr(dropout[name], "p", 0.0) >= 1.0 and dropout[name].training for name in active):
+        return peft_forward(self, x)  # dropout p = 1 zeroes the input: no 1 / (1 - p) to fold, PEFT's forward
     base = mods["base_layer"]._parameters
     weight, bias = base["weight"], base["bias"]
     dt = autocast_dtype(x)

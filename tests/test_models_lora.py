@@ -266,6 +266,14 @@ def test_dropout_statistics_and_eval_off():
     assert statistics.stdev(losses["fused"]) > 0 and min(abs(x - l_eval_fused.item()) for x in losses["fused"]) > 0
 
 
+def test_dropout_p1_keeps_peft_forward():
+    """lora_dropout=1.0 drops the whole adapter input: the patched layer runs PEFT's own forward, same result."""
+    pm = lora_model("llama", lora_dropout=1.0).train()
+    fm = fused_copy(pm)
+    inputs = model_inputs("llama")
+    assert_same_run(loss_logits_grads(fm, inputs), loss_logits_grads(pm, inputs))
+
+
 def test_gradient_checkpointing_recomputes_same_dropout():
     """Non-reentrant checkpointing reruns every fused layer; the recompute must redraw the same dropout seed."""
     pm = lora_model("llama", lora_dropout=0.1).train()

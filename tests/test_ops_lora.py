@@ -240,6 +240,34 @@ def test_dropout_same_seed_same_result():
     assert torch.equal(s1, new_seed()), "new_seed must follow torch.manual_seed"
 
 
+def test_keep_mask_across_draw_chunks():
+    """Over several numpy draw chunks and an odd element count: deterministic in the seed, the same 0/1 in every
+    dtype, independent across seeds and across chunks (no repeated stream), and ~(1 - p) kept in every chunk."""
+    from fastpeft.ops.linear import _CHUNK
+
+    p, shape = 0.25, (3, _CHUNK + 1)  # 3 * 65537: four chunks, the last one odd-sized
+    keep = keep_mask_torch(11, shape, p, "cpu", F32)
+    assert torch.equal(keep, keep_mask_torch(11, shape, p, "cpu", F32))
+    assert torch.equal(keep_mask_torch(11, shape, p, "cpu", BF16).float(), keep)
+    assert not torch.equal(keep, keep_mask_torch(12, shape, p, "cpu", F32))
+    flat = keep.reshape(-1)
+    chunks = flat[: 3 * _CHUNK].view(3, _CHUNK)
+    assert not torch.equal(chunks[0], chunks[1]) and not torch.equal(chunks[1], chunks[2])
+    sigma = ((1 - p) * p / _CHUNK) ** 0.5
+    for c in chunks:
+        assert abs(c.mean().item() - (1 - p)) < 5 * sigma
+    # neighbouring elements are uncorrelated (the two 32-bit halves of a 64-bit word are both used)
+    a, b = flat[:-1:2], flat[1::2]
+    corr = ((a - a.mean()) * (b - b.mean())).mean() / (a.std() * b.std())
+    assert abs(corr.item()) < 5 / a.numel() ** 0.5, corr
+
+
+def test_dropout_p_out_of_range_raises():
+    t = make_case((4,), 40, 72, 8)
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\), got 1.0"):
+        run_op(t, p=1.0, seed=seed_tensor(1))
+
+
 def test_dropout_without_seed_raises():
     t = make_case((4,), 40, 72, 8)
     with pytest.raises(ValueError, match="needs a seed"):

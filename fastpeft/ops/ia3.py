@@ -133,10 +133,15 @@ def _ia3_linear_backward_fake(dy, saved, weight, scale, scale_input, weight_t, s
     return dx, (scale.new_empty(scale.shape) if need_dl else dy.new_empty((0,)))
 
 
+# resolved overloads: the overload packet resolves on every call (see ops/linear.py)
+_ia3_linear_op = torch.ops.fastpeft.ia3_linear.default
+_ia3_linear_backward_op = torch.ops.fastpeft.ia3_linear_backward.default
+
+
 class _IA3LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, scale, scale_input, weight_t, save_base, backend):
-        y, base = torch.ops.fastpeft.ia3_linear(x, weight, bias, scale, scale_input, weight_t, save_base, backend)
+        y, base = _ia3_linear_op(x, weight, bias, scale, scale_input, weight_t, save_base, backend)
         saved = x if scale_input else (base if save_base else y)
         ctx.save_for_backward(saved, weight, scale)
         ctx.args = (scale_input, weight_t, save_base, backend)
@@ -150,7 +155,7 @@ class _IA3LinearFn(torch.autograd.Function):
         if nw or nb:
             raise NotImplementedError("fastpeft ia3_linear: gradients for the base weight/bias are not fused; "
                                       "this layer should have kept PEFT's forward (fastpeft.report names why)")
-        dx, dl = torch.ops.fastpeft.ia3_linear_backward(dy, saved, weight, scale, scale_input, weight_t,
+        dx, dl = _ia3_linear_backward_op(dy, saved, weight, scale, scale_input, weight_t,
                                                         save_base, nx, nl, backend)
         return dx if nx else None, None, None, dl if nl else None, None, None, None, None
 
@@ -162,4 +167,4 @@ def ia3_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scale: Tensor, sc
         if x.dtype != torch.float32 and not _use_triton(x, backend):
             save_base = True  # the torch path rounds the base before scaling: y / l would carry two roundings
         return _IA3LinearFn.apply(x, weight, bias, scale, scale_input, weight_t, save_base, backend)
-    return torch.ops.fastpeft.ia3_linear(x, weight, bias, scale, scale_input, weight_t, False, backend)[0]
+    return _ia3_linear_op(x, weight, bias, scale, scale_input, weight_t, False, backend)[0]
