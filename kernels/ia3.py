@@ -21,8 +21,8 @@ import torch
 import triton
 from torch import Tensor
 
-from ._common import (_DTYPES, _GROUP_M, KernelSpec, _check_2d, _check_device, _check_tensor, _dot_precision,
-                      _ia3_config, _launch, _weight_strides)
+from ._common import (_DTYPES, _GROUP_M, KernelSpec, LaunchPlan, PlanCache, _check_2d, _check_device, _check_tensor,
+                      _dot_precision, _ia3_config, _launch, _meta, _weight_strides)
 from .adapted_linear import linear_bwd_dx_kernel, linear_fwd_kernel
 
 __all__ = ["ia3_fwd", "ia3_bwd", "ia3_shipped_configs"]
@@ -54,6 +54,35 @@ def _weight_dims(weight, weight_t: bool, K: int | None = None, N: int | None = N
     return n, k
 
 
+def _fwd_outputs(x, N: int, store_base: bool) -> tuple[Tensor, Tensor | None]:
+    y = torch.empty((x.shape[0], N), device=x.device, dtype=x.dtype)
+    return y, (torch.empty_like(y) if store_base else None)  # base is written through y's strides
+
+
+def _fwd_dynamic(x, weight, bias, l, y, base) -> dict:
+    """The forward's per-call tensors (the low-rank ones, and absent ones, point at a harmless stand-in)."""
+    return dict(x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else y, a_ptr=x, b_ptr=x, lbias_ptr=x,
+                res_ptr=y, l_ptr=l, y_ptr=y, xa_ptr=y, base_ptr=base if base is not None else y)
+
+
+def _bwd_outputs(dy, K: int, num_m: int, scale_input: bool, need_dx: bool, need_dl: bool):
+    """dx (None unless asked for) and dl's fp32 partial sums, one row per M tile (None unless asked for)."""
+    M, N = dy.shape
+    return (torch.empty((M, K), device=dy.device, dtype=dy.dtype) if need_dx else None,
+            torch.empty((num_m, K if scale_input else N), device=dy.device, dtype=torch.float32) if need_dl else None)
+
+
+def _bwd_dynamic(dy, saved, weight, l, dx, part) -> dict:
+    return dict(dy_ptr=dy, w_ptr=weight, a_ptr=dy, b_ptr=dy, l_ptr=l, s_ptr=saved if part is not None else dy,
+                dx_ptr=dx if dx is not None else dy, g_ptr=dy, dl_ptr=part if part is not None else dy)
+
+
+# the names of the per-call arguments, read off the builders themselves (so the two cannot drift apart)
+_FWD_DYNAMIC = frozenset(_fwd_dynamic(*[torch.empty(1, 1)] * 6))
+_BWD_DYNAMIC = frozenset(_bwd_dynamic(*[torch.empty(1, 1)] * 6))
+_FWD_PLANS, _BWD_PLANS = PlanCache(), PlanCache()
+
+
 def _plan_ia3_fwd(x, weight, bias, l, scale_input, weight_t, store_base) -> tuple[KernelSpec, Tensor, Tensor | None]:
     _check_2d("x", x)
     M, K = x.shape
@@ -66,14 +95,12 @@ def _plan_ia3_fwd(x, weight, bias, l, scale_input, weight_t, store_base) -> tupl
     _check_device(dict(x=x, weight=weight, bias=bias, l=l))
 
     store_base = bool(store_base) and not scale_input
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    base = torch.empty_like(y) if store_base else None  # written through y's strides
+    y, base = _fwd_outputs(x, N, store_base)
     cfg, _ = _ia3_config(M, x.dtype)
     args = dict(
-        x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else y, a_ptr=x, b_ptr=x, lbias_ptr=x, res_ptr=y,
-        l_ptr=l, y_ptr=y, xa_ptr=y, base_ptr=base if base is not None else y, M=M, N=N, K=K,
-        stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=stride_wn, stride_wk=stride_wk,
+        M=M, N=N, K=K, stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=stride_wn, stride_wk=stride_wk,
         stride_l=l.stride(0), stride_ym=y.stride(0), stride_yn=y.stride(1), **_NO_LORA_FWD,
+        **_fwd_dynamic(x, weight, bias, l, y, base),
     )
     constexprs = dict(
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BR=16, GROUP_M=_GROUP_M, HAS_BASE=True, HAS_BIAS=bias is not None,
@@ -94,8 +121,15 @@ def ia3_fwd(x2: Tensor, weight: Tensor, bias: Tensor | None, l: Tensor, scale_in
     None; l [K] or [N] in fp16/bf16/fp32. Returns y [M, N] in x's dtype and, for output scaling with
     ``store_base``, the unscaled base output x W^T + b [M, N] in x's dtype (else None; input scaling has none).
     """
-    spec, y, base = _plan_ia3_fwd(x2, weight, bias, l, scale_input, weight_t, store_base)
-    _launch(spec, x2.device)
+    key = (_meta(x2), _meta(weight), _meta(bias), _meta(l), scale_input, weight_t, store_base, _dot_precision())
+    plan = _FWD_PLANS.get(key)
+    if plan is None:  # first call with this metadata: full checks, then the plan is kept
+        spec, y, base = _plan_ia3_fwd(x2, weight, bias, l, scale_input, weight_t, store_base)
+        _FWD_PLANS.put(key, LaunchPlan.of(spec, _FWD_DYNAMIC))
+        _launch(spec, x2.device)
+        return y, base
+    y, base = _fwd_outputs(x2, plan.static["N"], plan.static["STORE_BASE"])
+    plan.launch(x2.device, _fwd_dynamic(x2, weight, bias, l, y, base))
     return y, base
 
 
@@ -117,14 +151,13 @@ def _plan_ia3_bwd(dy, saved, weight, l, scale_input, weight_t, saved_is_base, ne
     cfg = _ia3_config(M, dy.dtype)[1]
     num_m = triton.cdiv(M, cfg.BM)
     form_dx = need_dx or (scale_input and need_dl)  # input-scaling dl reduces the dx tile, so the grid spans K
-    dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype) if need_dx else None
-    part = torch.empty((num_m, K if scale_input else N), device=dy.device, dtype=torch.float32) if need_dl else None
-    dx_out, s_in, part_out = (dx if need_dx else dy), (saved if need_dl else dy), (part if need_dl else dy)
+    dx, part = _bwd_outputs(dy, K, num_m, scale_input, need_dx, need_dl)
+    dyn = _bwd_dynamic(dy, saved, weight, l, dx, part)
+    dx_out, s_in, part_out = dyn["dx_ptr"], dyn["s_ptr"], dyn["dl_ptr"]
     args = dict(
-        dy_ptr=dy, w_ptr=weight, a_ptr=dy, b_ptr=dy, l_ptr=l, s_ptr=s_in, dx_ptr=dx_out, g_ptr=dy, dl_ptr=part_out,
         M=M, N=N, K=K, stride_dym=dy.stride(0), stride_dyn=dy.stride(1), stride_wn=stride_wn, stride_wk=stride_wk,
         stride_l=l.stride(0), stride_sm=s_in.stride(0), stride_sc=s_in.stride(1), stride_dxm=dx_out.stride(0),
-        stride_dxk=dx_out.stride(1), stride_dlm=part_out.stride(0), **_NO_LORA_DX,
+        stride_dxk=dx_out.stride(1), stride_dlm=part_out.stride(0), **_NO_LORA_DX, **dyn,
     )
     constexprs = dict(
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BR=16, GROUP_M=_GROUP_M, HAS_BASE=True, HAS_LORA=False, HAS_DROPOUT=False,
@@ -146,10 +179,20 @@ def ia3_bwd(dy2: Tensor, saved: Tensor, weight: Tensor, l: Tensor, scale_input: 
     per column after the row sum); only read for dl. Returns dx [M, K] in x's dtype and dl [K or N] in fp32, each
     None when not asked for. dW and dbias are not formed (the base layer is frozen).
     """
-    spec, dx, part = _plan_ia3_bwd(dy2, saved, weight, l, scale_input, weight_t, saved_is_base, need_dx, need_dl)
-    if spec is None:
-        return None, None
-    _launch(spec, dy2.device)
+    key = (_meta(dy2), _meta(saved) if need_dl else None, _meta(weight), _meta(l), scale_input, weight_t,
+           saved_is_base, need_dx, need_dl, _dot_precision())
+    plan = _BWD_PLANS.get(key)
+    if plan is None:  # first call with this metadata: full checks, then the plan is kept
+        spec, dx, part = _plan_ia3_bwd(dy2, saved, weight, l, scale_input, weight_t, saved_is_base, need_dx,
+                                       need_dl)
+        if spec is None:
+            return None, None
+        _BWD_PLANS.put(key, LaunchPlan.of(spec, _BWD_DYNAMIC))
+        _launch(spec, dy2.device)
+    else:
+        st = plan.static
+        dx, part = _bwd_outputs(dy2, st["K"], triton.cdiv(st["M"], st["BM"]), scale_input, need_dx, need_dl)
+        plan.launch(dy2.device, _bwd_dynamic(dy2, saved, weight, l, dx, part))
     dl = None if part is None else (part[0] if part.shape[0] == 1 else part.sum(0))
     return dx, dl
 

@@ -21,8 +21,9 @@ import torch
 import triton
 from torch import Tensor
 
-from ._common import (_GROUP_M, _MAX_RANK, KernelSpec, TileConfig, _block_rank, _bwd_config, _check_2d, _check_device,
-                      _check_launch_device, _check_tensor, _dot_precision, _fwd_config, _launch, _weight_strides)
+from ._common import (_GROUP_M, _MAX_RANK, KernelSpec, LaunchPlan, PlanCache, TileConfig, _block_rank, _bwd_config,
+                      _check_2d, _check_device, _check_launch_device, _check_tensor, _dot_precision, _fwd_config,
+                      _launch, _meta, _weight_strides)
 from .adapted_linear import linear_bwd_dx_kernel, linear_fwd_kernel, lora_bwd_dw_kernel, lora_dropout_mask_kernel
 from .ia3 import ia3_bwd, ia3_fwd, ia3_shipped_configs
 
@@ -59,6 +60,28 @@ def _adapter_shapes(x, lora_a, lora_b) -> tuple[int, int, int, int]:
     return M, N, K, R
 
 
+def _fwd_outputs(x, lora_a, lora_b, store_xa) -> tuple[Tensor, Tensor | None]:
+    M, N, R = x.shape[0], lora_b.shape[0], lora_a.shape[0]
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    return y, (torch.empty((M, R), device=x.device, dtype=lora_a.dtype) if store_xa else None)
+
+
+def _fwd_dynamic(x, weight, bias, lora_a, lora_b, lora_bias, residual, y, xa, scaling, dropout_p, seed) -> dict:
+    """The forward's per-call arguments: tensors (absent ones point at a harmless stand-in) and runtime scalars."""
+    return dict(
+        x_ptr=x, w_ptr=weight if weight is not None else x, bias_ptr=bias if bias is not None else y,
+        a_ptr=lora_a, b_ptr=lora_b, lbias_ptr=lora_bias if lora_bias is not None else lora_b,
+        res_ptr=residual if residual is not None else y, l_ptr=y, y_ptr=y, xa_ptr=xa if xa is not None else y,
+        base_ptr=y, scaling=float(scaling), p=float(dropout_p), drop_scale=1.0 / (1.0 - float(dropout_p)),
+        seed=int(seed),
+    )
+
+
+# the names of the per-call arguments, read off the builders themselves (so the two cannot drift apart)
+_FWD_DYNAMIC = frozenset(_fwd_dynamic(*[torch.empty(1, 1)] * 9, 1.0, 0.0, 0))
+_FWD_PLANS = PlanCache()
+
+
 def _plan_fwd(x, weight, bias, lora_a, lora_b, lora_bias, residual, scaling, dropout_p, seed, weight_t,
               store_xa) -> tuple[KernelSpec, Tensor, Tensor | None]:
     M, N, K, R = _adapter_shapes(x, lora_a, lora_b)
@@ -75,21 +98,17 @@ def _plan_fwd(x, weight, bias, lora_a, lora_b, lora_bias, residual, scaling, dro
     _check_device(dict(x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, lora_bias=lora_bias,
                        residual=residual))
 
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    xa = torch.empty((M, R), device=x.device, dtype=lora_a.dtype) if store_xa else None
+    y, xa = _fwd_outputs(x, lora_a, lora_b, store_xa)
     cfg = _fwd_config(M, N, K, R, x.dtype, lora_a.dtype)
     res = residual if residual is not None else y
     xa_out = xa if xa is not None else y
     args = dict(
-        x_ptr=x, w_ptr=weight if weight is not None else x, bias_ptr=bias if bias is not None else y,
-        a_ptr=lora_a, b_ptr=lora_b, lbias_ptr=lora_bias if lora_bias is not None else lora_b,
-        res_ptr=res, l_ptr=y, y_ptr=y, xa_ptr=xa_out, base_ptr=y,
         M=M, N=N, K=K, R=R,
         stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=stride_wn, stride_wk=stride_wk,
         stride_ar=lora_a.stride(0), stride_ak=lora_a.stride(1), stride_bn=lora_b.stride(0),
         stride_br=lora_b.stride(1), stride_rm=res.stride(0), stride_rn=res.stride(1), stride_l=0,
         stride_ym=y.stride(0), stride_yn=y.stride(1), stride_xam=xa_out.stride(0), stride_xar=xa_out.stride(1),
-        scaling=float(scaling), p=float(dropout_p), drop_scale=1.0 / (1.0 - float(dropout_p)), seed=int(seed),
+        **_fwd_dynamic(x, weight, bias, lora_a, lora_b, lora_bias, residual, y, xa, scaling, dropout_p, seed),
     )
     constexprs = dict(
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BR=_block_rank(R), GROUP_M=_GROUP_M,
@@ -112,10 +131,46 @@ def lora_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_a: Tens
     lora_bias [N] (adapter dtype) or None; residual [M, N] (x's dtype) or None. Returns y [M, N] in x's dtype and
     xa [M, R] in lora_a's dtype (None unless ``store_xa``).
     """
-    spec, y, xa = _plan_fwd(x, weight, bias, lora_a, lora_b, lora_bias, residual, scaling, dropout_p, seed,
-                            weight_t, store_xa)
-    _launch(spec, x.device)
+    key = (_meta(x), _meta(weight), _meta(bias), _meta(lora_a), _meta(lora_b), _meta(lora_bias), _meta(residual),
+           weight_t, store_xa, dropout_p > 0.0, _dot_precision())
+    plan = _FWD_PLANS.get(key)
+    if plan is None:  # first call with this metadata: full checks, then the plan is kept
+        spec, y, xa = _plan_fwd(x, weight, bias, lora_a, lora_b, lora_bias, residual, scaling, dropout_p, seed,
+                                weight_t, store_xa)
+        _FWD_PLANS.put(key, LaunchPlan.of(spec, _FWD_DYNAMIC))
+        _launch(spec, x.device)
+        return y, xa
+    _check_dropout(dropout_p, seed)  # runtime scalars are not in the key
+    y, xa = _fwd_outputs(x, lora_a, lora_b, store_xa)
+    plan.launch(x.device, _fwd_dynamic(x, weight, bias, lora_a, lora_b, lora_bias, residual, y, xa, scaling,
+                                       dropout_p, seed))
     return y, xa
+
+
+def _bwd_outputs(x, lora_a, lora_b, need_dx, need_da, need_db):
+    """dx, da, db (each None unless asked for) and the fp32 workspace g = s dy B (only dA reads it back)."""
+    (M, K), R, N, dev = x.shape, lora_a.shape[0], lora_b.shape[0], x.device
+    return (torch.empty((M, K), device=dev, dtype=x.dtype) if need_dx else None,
+            torch.empty((R, K), device=dev, dtype=lora_a.dtype) if need_da else None,
+            torch.empty((N, R), device=dev, dtype=lora_b.dtype) if need_db else None,
+            torch.empty((M, R), device=dev, dtype=torch.float32) if need_da else None)
+
+
+def _bwd_dynamic(dy, x, weight, lora_a, lora_b, xa, dx, da, db, g, need_db, scaling, dropout_p,
+                 seed) -> tuple[dict, dict]:
+    """Per-call arguments of the two backward launches (absent tensors point at a harmless stand-in)."""
+    common = dict(scaling=float(scaling), p=float(dropout_p), drop_scale=1.0 / (1.0 - float(dropout_p)),
+                  seed=int(seed))
+    dx_args = dict(dy_ptr=dy, w_ptr=weight if weight is not None else dy, a_ptr=lora_a, b_ptr=lora_b, l_ptr=dy,
+                   s_ptr=dy, dx_ptr=dx if dx is not None else dy, g_ptr=g if g is not None else dy, dl_ptr=dy,
+                   **common)
+    dw_args = dict(x_ptr=x, g_ptr=g if g is not None else x, dy_ptr=dy, xa_ptr=xa if need_db else x,
+                   da_ptr=da if da is not None else lora_a, db_ptr=db if db is not None else lora_b, **common)
+    return dx_args, dw_args
+
+
+_BWD_DX_DYNAMIC, _BWD_DW_DYNAMIC = (frozenset(d) for d in _bwd_dynamic(*[torch.empty(1, 1)] * 10, True, 1.0, 0.0, 0))
+_BWD_PLANS = PlanCache()
 
 
 def _plan_bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, weight_t, need_dx, need_da,
@@ -131,25 +186,21 @@ def _plan_bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, weigh
     _check_dropout(dropout_p, seed)
     _check_device(dict(dy=dy, x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, xa=xa if need_db else None))
 
-    dev = x.device
-    dx = torch.empty((M, K), device=dev, dtype=x.dtype) if need_dx else None
-    da = torch.empty((R, K), device=dev, dtype=lora_a.dtype) if need_da else None
-    db = torch.empty((N, R), device=dev, dtype=lora_b.dtype) if need_db else None
-    g = torch.empty((M, R), device=dev, dtype=torch.float32) if need_da else None
+    dx, da, db, g = _bwd_outputs(x, lora_a, lora_b, need_dx, need_da, need_db)
     cfg_dx, cfg_dw = _bwd_config(M, N, K, R, x.dtype, lora_a.dtype)
     BR, prec, drop = _block_rank(R), _dot_precision(), dropout_p > 0.0
-    common = dict(scaling=float(scaling), p=float(dropout_p), drop_scale=1.0 / (1.0 - float(dropout_p)),
-                  seed=int(seed))
+    dx_args, dw_args = _bwd_dynamic(dy, x, weight, lora_a, lora_b, xa, dx, da, db, g, need_db, scaling, dropout_p,
+                                    seed)
     specs = []
     if need_dx or need_da:
-        dx_out, g_out = (dx if dx is not None else dy), (g if g is not None else dy)
+        dx_out, g_out = dx_args["dx_ptr"], dx_args["g_ptr"]
         args = dict(
-            dy_ptr=dy, w_ptr=weight if weight is not None else dy, a_ptr=lora_a, b_ptr=lora_b, l_ptr=dy, s_ptr=dy,
-            dx_ptr=dx_out, g_ptr=g_out, dl_ptr=dy, M=M, N=N, K=K, R=R,
+            M=M, N=N, K=K, R=R,
             stride_dym=dy.stride(0), stride_dyn=dy.stride(1), stride_wn=stride_wn, stride_wk=stride_wk,
             stride_ar=lora_a.stride(0), stride_ak=lora_a.stride(1), stride_bn=lora_b.stride(0),
             stride_br=lora_b.stride(1), stride_l=0, stride_sm=0, stride_sc=0, stride_dxm=dx_out.stride(0),
-            stride_dxk=dx_out.stride(1), stride_gm=g_out.stride(0), stride_gr=g_out.stride(1), stride_dlm=0, **common,
+            stride_dxk=dx_out.stride(1), stride_gm=g_out.stride(0), stride_gr=g_out.stride(1), stride_dlm=0,
+            **dx_args,
         )
         constexprs = dict(BM=cfg_dx.BM, BN=cfg_dx.BN, BK=cfg_dx.BK, BR=BR, GROUP_M=_GROUP_M,
                           HAS_BASE=weight is not None, HAS_LORA=True, HAS_DROPOUT=drop, NEED_DX=need_dx,
@@ -161,14 +212,13 @@ def _plan_bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, weigh
     if need_da or need_db:
         num_da = triton.cdiv(K, cfg_dw.BK) if need_da else 0
         num_db = triton.cdiv(N, cfg_dw.BN) if need_db else 0
-        g_in, xa_in = (g if g is not None else x), (xa if need_db else x)
-        da_out, db_out = (da if da is not None else lora_a), (db if db is not None else lora_b)
+        g_in, xa_in, da_out, db_out = dw_args["g_ptr"], dw_args["xa_ptr"], dw_args["da_ptr"], dw_args["db_ptr"]
         args = dict(
-            x_ptr=x, g_ptr=g_in, dy_ptr=dy, xa_ptr=xa_in, da_ptr=da_out, db_ptr=db_out, M=M, N=N, K=K, R=R,
+            M=M, N=N, K=K, R=R,
             num_da=num_da, stride_xm=x.stride(0), stride_xk=x.stride(1), stride_gm=g_in.stride(0),
             stride_gr=g_in.stride(1), stride_dym=dy.stride(0), stride_dyn=dy.stride(1), stride_xam=xa_in.stride(0),
             stride_xar=xa_in.stride(1), stride_dar=da_out.stride(0), stride_dak=da_out.stride(1),
-            stride_dbn=db_out.stride(0), stride_dbr=db_out.stride(1), **common,
+            stride_dbn=db_out.stride(0), stride_dbr=db_out.stride(1), **dw_args,
         )
         constexprs = dict(BM=cfg_dw.BM, BN=cfg_dw.BN, BK=cfg_dw.BK, BR=BR, HAS_DROPOUT=drop, NEED_DA=need_da,
                           NEED_DB=need_db, DOT_PREC=prec)
@@ -186,14 +236,27 @@ def lora_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, lora_a: Tensor, lora_
     in lora_a's dtype, db [N, R] in lora_b's dtype, each None when not asked for. The dropout mask is regenerated
     from ``seed``. dW, dbias and dlora_bias are left to the caller.
     """
-    specs, dx, da, db = _plan_bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, weight_t, need_dx,
-                                  need_da, need_db)
-    if x.shape[0] == 0:  # no rows: the weight gradients are sums over nothing
-        da = None if da is None else da.zero_()
-        db = None if db is None else db.zero_()
+    key = (_meta(dy), _meta(x), _meta(weight), _meta(lora_a), _meta(lora_b), _meta(xa) if need_db else None,
+           weight_t, need_dx, need_da, need_db, dropout_p > 0.0, _dot_precision())
+    plans = _BWD_PLANS.get(key)
+    if plans is None or x.shape[0] == 0:  # first call with this metadata: full checks, then the plans are kept
+        specs, dx, da, db = _plan_bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, weight_t,
+                                      need_dx, need_da, need_db)
+        if x.shape[0] == 0:  # no rows: the weight gradients are sums over nothing
+            da = None if da is None else da.zero_()
+            db = None if db is None else db.zero_()
+            return dx, da, db
+        _BWD_PLANS.put(key, [LaunchPlan.of(spec, _BWD_DX_DYNAMIC if spec.name == "lora_bwd_dx" else _BWD_DW_DYNAMIC)
+                             for spec in specs])
+        for spec in specs:
+            _launch(spec, x.device)
         return dx, da, db
-    for spec in specs:
-        _launch(spec, x.device)
+    _check_dropout(dropout_p, seed)
+    dx, da, db, g = _bwd_outputs(x, lora_a, lora_b, need_dx, need_da, need_db)
+    dx_args, dw_args = _bwd_dynamic(dy, x, weight, lora_a, lora_b, xa, dx, da, db, g, need_db, scaling, dropout_p,
+                                    seed)
+    for plan in plans:
+        plan.launch(x.device, dx_args if plan.kernel is linear_bwd_dx_kernel else dw_args)
     return dx, da, db
 
 

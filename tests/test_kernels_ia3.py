@@ -191,3 +191,21 @@ def test_validation(dev):
         ia3_bwd(dy, dy.half(), w, l, False, False, False, True, True)
     with pytest.raises(TypeError, match="weight: expected dtype"):
         ia3_bwd(dy.half(), dy.half(), w, l, False, False, False, True, True)
+
+
+@pytest.mark.parametrize("scale_input", MODES, ids=MODE_IDS)
+def test_plan_cache_replays_checked_launches(dev, scale_input):
+    """A second call with the same metadata replays the kept plans with its own tensors and matches the reference;
+    storing the base (a constexpr) gets its own plan."""
+    from fastpeft.kernels import ia3 as ia3_mod
+
+    fwd_plans, bwd_plans = ia3_mod._FWD_PLANS.plans, ia3_mod._BWD_PLANS.plans
+    fwd_plans.clear()
+    bwd_plans.clear()
+    _run_and_check(_case(dev, 40, 24, 36, F32, F32, scale_input, seed=1), store_base=False)
+    assert (len(fwd_plans), len(bwd_plans)) == (1, 1)
+    _run_and_check(_case(dev, 40, 24, 36, F32, F32, scale_input, seed=2), store_base=False)
+    assert (len(fwd_plans), len(bwd_plans)) == (1, 1), "same metadata was planned again"
+    _run_and_check(_case(dev, 40, 24, 36, F32, F32, scale_input, seed=3), store_base=True,
+                   saved_is_base=not scale_input)
+    assert len(fwd_plans) == 2

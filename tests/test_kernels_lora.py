@@ -270,3 +270,24 @@ def test_validation(dev):
         lora_bwd(c["dy"], x, w, a, b, None, 1.0, 0.0, 0)
     with pytest.raises(ValueError, match="one device"):
         lora_fwd(x, w.to("meta"), None, a, b, None, None, 1.0, 0.0, 0)
+
+
+def test_plan_cache_replays_checked_launches(dev):
+    """The second call with the same metadata replays the kept plan (no re-planning) with its own tensors and
+    runtime scalars, and still matches the reference; runtime scalars are still checked; other metadata (a residual,
+    a transposed weight) gets its own plan."""
+    fwd_plans, bwd_plans = lora_mod._FWD_PLANS.plans, lora_mod._BWD_PLANS.plans
+    fwd_plans.clear()
+    bwd_plans.clear()
+    _run_and_check(_case(dev, 20, 40, 24, 8, F32, F32, seed=1), scaling=0.5, p=0.1, seed=3)
+    assert (len(fwd_plans), len(bwd_plans)) == (1, 1)
+    _run_and_check(_case(dev, 20, 40, 24, 8, F32, F32, seed=2), scaling=2.0, p=0.3, seed=11)
+    assert (len(fwd_plans), len(bwd_plans)) == (1, 1), "same metadata was planned again"
+    c = _case(dev, 20, 40, 24, 8, F32, F32, seed=3)
+    with pytest.raises(ValueError, match="seed must be in"):
+        lora_fwd(c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], c["lora_bias"], None, 1.0, 0.1, -1)
+    with pytest.raises(ValueError, match="dropout_p"):
+        lora_fwd(c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], c["lora_bias"], None, 1.0, 1.0, 0)
+    _run_and_check(_case(dev, 20, 40, 24, 8, F32, F32, seed=4, residual=True), p=0.1)
+    _run_and_check(_case(dev, 20, 40, 24, 8, F32, F32, seed=5, weight_t=True), p=0.1)
+    assert len(fwd_plans) == 3

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from models import DECODER_ONLY, base_model, model_inputs
+from models import base_model, model_inputs
 
 import fastpeft
 from fastpeft.testing import assert_close, assert_close_ratio
