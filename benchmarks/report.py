@@ -67,6 +67,10 @@ def measure(bench: harness.Bench, method: str, decode_rounds: int, train_steps: 
         r["timing"][w] = bench.interleaved(METHOD, w, rounds=1, steps=train_steps)
     if "train-bf16-p0.1" in bench.workloads(method):
         counters("train-bf16-p0.1", providers=("peft", "fastpeft"))
+    log("host time per layer call at decode size (one layer, in = out = 64, M = 1)")
+    from benchmarks.host import layer_host_us
+
+    r["host_us"] = layer_host_us(method, bench.device)
     return r
 
 
@@ -175,6 +179,11 @@ def render(bench: harness.Bench, r: dict) -> str:
         lines.append(row(f"decode time per step, B={b}", ms, lambda p: t[w].median(p)))
         lines.append(row(f"decode time ratio to base, B={b}", lambda v: v,
                          lambda p: "1" if p == "base" else _ratio(t[w], p, "base")))
+    hu = r["host_us"]
+    lines.append(row("host time per layer call at decode size (one layer, in = out = 64, M = 1)",
+                     lambda v: f"{v:.1f} us", lambda p: hu[p]))
+    lines.append(row("the same, above the base layer (the adapter's host overhead)", lambda v: v,
+                     lambda p: "0" if p == "base" else f"{hu[p] - hu['base']:.1f} us"))
     wp = bench.workload("prefill")
     lines.append(row(f"prefill time ratio to base, B={wp.batch} T={wp.seq}", lambda v: v,
                      lambda p: "1" if p == "base" else _ratio(t["prefill"], p, "base")))

@@ -105,3 +105,17 @@ def test_parity(bench, method, workload):
     _counters(bench, method, workload, "fastpeft")
     diff = bench.parity(method, workload)
     assert harness.parity_ok(diff, bench.workload(workload).dtype), diff
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_host_time_per_layer(benchmark, bench, method):
+    """Host time of one layer call at decode size per provider (``benchmarks/host.py``), in ``extra_info``: what
+    bounds eager decode on a GPU. Recorded, not asserted (timings are the benchmark's, not a test's)."""
+    from benchmarks.host import layer_host_us
+
+    benchmark.group = f"{method} host time per layer"
+    smoke = bench.scale.name != "full"
+    us = benchmark.pedantic(layer_host_us, args=(method, bench.device), kwargs=dict(
+        rounds=1 if smoke else 9, calls=20 if smoke else 2000), rounds=1)
+    benchmark.extra_info.update({f"{p}_us": v for p, v in us.items()})
+    assert all(v > 0 for v in us.values())
