@@ -10,10 +10,14 @@ the loop is not synchronised per call, so it measures what the host spends to en
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import time
 
 import torch
+
+if __name__ == "__main__" and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's import: plan on CPU tensors, launch nothing
 from torch import nn
 
 from .harness import METHODS, PROVIDERS, _fastpeft_patch
@@ -69,3 +73,68 @@ def layer_host_us(method: str, device: str = "cpu", rounds: int = 9, calls: int 
                 sync()
                 times[p].append((time.perf_counter() - t0) / calls * 1e6)
     return {p: statistics.median(ts) for p, ts in times.items()}
+
+
+def launcher_host_us(calls: int = 3000, rounds: int = 7) -> dict[str, float]:
+    """Host time of the Triton launchers' own work per call at decode size (checks and planning, output allocation,
+    argument binding), with the kernel call itself stubbed out: ``*-planned`` plans every call (what the launchers
+    did before launch plans were kept), ``*-replayed`` is the shipped path. Needs CUDA tensors, or CPU tensors with
+    TRITON_INTERPRET=1 set before triton is imported."""
+    from unittest import mock
+
+    from fastpeft.kernels import _common, ia3, lora
+
+    class _NoKernel:  # kernel[grid](**kwargs): binds every argument, launches nothing
+        def __getitem__(self, grid):
+            return lambda **kwargs: None
+
+    stub = _NoKernel()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    t = lambda *s: torch.randn(*s, device=dev)  # noqa: E731
+    x, w, a, b, l, dy, xa = t(1, 512), t(512, 512), t(16, 512), t(512, 16), t(512), t(1, 512), t(1, 16)
+
+    def planned_launch(spec, device):
+        with _common._on_device(device):
+            stub[spec.grid](**spec.args, **spec.constexprs, num_warps=spec.num_warps, num_stages=spec.num_stages)
+
+    def replayed_launch(plan, device, dynamic):
+        with _common._on_device(device):
+            stub[plan.grid](**plan.static, **dynamic, num_warps=plan.num_warps, num_stages=plan.num_stages)
+
+    def lora_bwd_planned():
+        for spec in lora._plan_bwd(dy, x, w, a, b, xa, 2.0, 0.0, 0, False, True, True, True)[0]:
+            planned_launch(spec, x.device)
+
+    cases = {
+        "lora-fwd-planned": lambda: planned_launch(lora._plan_fwd(x, w, None, a, b, None, None, 2.0, 0.0, 0, False,
+                                                                  False)[0], x.device),
+        "lora-fwd-replayed": lambda: lora.lora_fwd(x, w, None, a, b, None, None, 2.0, 0.0, 0, False, False),
+        "lora-bwd-planned": lora_bwd_planned,
+        "lora-bwd-replayed": lambda: lora.lora_bwd(dy, x, w, a, b, xa, 2.0, 0.0, 0),
+        "ia3-fwd-planned": lambda: planned_launch(ia3._plan_ia3_fwd(x, w, None, l, False, False, False)[0], x.device),
+        "ia3-fwd-replayed": lambda: ia3.ia3_fwd(x, w, None, l, False, False, False),
+    }
+    out = {}
+    with mock.patch.object(lora, "_launch", planned_launch), mock.patch.object(ia3, "_launch", planned_launch), \
+            mock.patch.object(_common.LaunchPlan, "launch", replayed_launch):
+        for name, fn in cases.items():
+            for _ in range(100):
+                fn()
+            ts = []
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                ts.append((time.perf_counter() - t0) / calls * 1e6)
+            out[name] = statistics.median(ts)
+    return out
+
+
+if __name__ == "__main__":  # python -m benchmarks.host
+    torch.set_num_threads(1)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    for method in METHODS:
+        us = layer_host_us(method, dev)
+        print(f"{method} layer call at decode size, {dev}: " + ", ".join(f"{p} {v:.1f} us" for p, v in us.items()))
+    print("launcher host work per call (kernel call stubbed out): " +
+          ", ".join(f"{k} {v:.1f} us" for k, v in launcher_host_us().items()))
