@@ -5,9 +5,12 @@ by round with the base model and PEFT, and reported as median ratios to the base
 - ``fastpeft``: the fused op as shipped;
 - ``inline-aten`` (LoRA): the same three aten calls the op's CPU path makes (``mm``, ``mm``, ``addmm_``) called
   inline, with no custom op around them: the floor of exact LoRA math with torch's CPU matmuls;
+- ``op-impl-direct`` (LoRA): the op's own CPU implementation called as a Python function, without the
+  dispatcher round trip (what a direct-call fast path for eager CPU would cost);
 - ``base-linear-only``: the patched layer's forward calling ``F.linear`` alone (no adapter math at all): what the
   patched forward's Python and reading PEFT's state cost.
-The gap fastpeft - inline-aten is the custom-op boundary (dispatcher and the Python op implementation).
+The gap fastpeft - op-impl-direct is the dispatcher round trip; op-impl-direct - inline-aten is the op's Python
+implementation (checks, reshapes).
 """
 
 from __future__ import annotations
@@ -46,7 +49,10 @@ def main(argv=None) -> int:
     shipped = getattr(module, attr)
     variants = {"fastpeft": shipped, "base-linear-only": _linear_only}
     if method == "lora":
+        from fastpeft.ops.linear import _lora_linear_impl
+
         variants["inline-aten"] = _inline_aten
+        variants["op-impl-direct"] = lambda *a: _lora_linear_impl(*a[:11], False, a[11])[0]
     bench = harness.Bench("full")
     w = bench.workload(f"decode-B{batch}")
     runners = {p: bench.runner(method, w, p) for p in harness.PROVIDERS}
