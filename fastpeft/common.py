@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["base_weight", "check_base_layer", "peft_forward", "autocast_dtype"]
+__all__ = ["base_weight", "check_base_layer", "peft_forward", "autocast_dtype", "any_autocast"]
 
 
 def base_weight(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, bool] | None:
@@ -35,6 +35,10 @@ def check_base_layer(module: nn.Module) -> str | None:
 def peft_forward(module: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """PEFT's own forward for this layer: what runs for everything the fused path does not take."""
     return module._fastpeft_orig_class.forward(module, x, *args, **kwargs)
+
+
+# Whether autocast is on for any device: one C call, so that the common case (no autocast) skips building x.device
+any_autocast = torch._C._is_any_autocast_enabled
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:

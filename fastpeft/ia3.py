@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import autocast_dtype, check_base_layer, peft_forward
+from .common import any_autocast, autocast_dtype, check_base_layer, peft_forward
 from .ops.ia3 import ia3_linear
 
 __all__ = ["check_ia3_linear", "fused_ia3_linear_forward"]
@@ -41,7 +41,10 @@ def fused_ia3_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Te
         return peft_forward(self, x, *args, **kwargs)
     params = d["_modules"]["ia3_l"]._parameters
     active = d["_active_adapter"]
-    vectors = [params[name] for name in ([active] if isinstance(active, str) else active) if name in params]
+    if isinstance(active, str):  # the common case: one adapter, no list comprehension
+        vectors = [params[active]] if active in params else []
+    else:
+        vectors = [params[name] for name in active if name in params]
     if not vectors:
         return peft_forward(self, x)
     base = d["_modules"]["base_layer"]._parameters
@@ -55,11 +58,12 @@ def fused_ia3_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Te
     save_base = False
     if not scale_input and torch.is_grad_enabled() and scale.requires_grad:
         save_base = torch.compiler.is_compiling() or _has_zero(self, vectors)
-    dt = autocast_dtype(x)
-    if dt is not None:
-        with torch.autocast(x.device.type, enabled=False):
-            return ia3_linear(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), scale, scale_input,
-                              weight_t, save_base, backend)
+    if any_autocast():
+        dt = autocast_dtype(x)
+        if dt is not None:
+            with torch.autocast(x.device.type, enabled=False):
+                return ia3_linear(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), scale, scale_input,
+                                  weight_t, save_base, backend)
     if x.dtype != weight.dtype:
         return peft_forward(self, x)
     return ia3_linear(x, weight, bias, scale, scale_input, weight_t, save_base, backend)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import autocast_dtype, check_base_layer, peft_forward
+from .common import any_autocast, autocast_dtype, check_base_layer, peft_forward
 from .ops.linear import lora_linear, new_seed
 
 __all__ = ["check_lora_linear", "fused_lora_linear_forward"]
@@ -43,33 +43,38 @@ def fused_lora_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.T
     mods = d["_modules"]
     lora_a = mods["lora_A"]._modules
     active = d["_active_adapter"]
-    active = [active] if isinstance(active, str) else active
-    active = [name for name in active if name in lora_a]
+    if isinstance(active, str):  # the common case: one adapter, no list to build
+        active = (active,) if active in lora_a else ()
+    else:
+        active = [name for name in active if name in lora_a]
     variants = d["lora_variant"]
     if not active or (variants and any(name in variants for name in active)):
         return peft_forward(self, x)  # no adapter on this layer, or DoRA & co. added after patching
     dropout = mods["lora_dropout"]._modules
-    if any(getattr(dropout[name], "p", 0.0) >= 1.0 and dropout[name].training for name in active):
-        return peft_forward(self, x)  # dropout p = 1 zeroes the input: no 1 / (1 - p) to fold, PEFT's forward
+    for name in active:
+        drop = dropout[name]  # nn.Identity at p = 0; type() first: getattr(Identity, "p") raises inside nn.Module
+        if type(drop) is not nn.Identity and drop.training and getattr(drop, "p", 0.0) >= 1.0:
+            return peft_forward(self, x)  # dropout p = 1 zeroes the input: no 1 / (1 - p) to fold
     base = mods["base_layer"]._parameters
     weight, bias = base["weight"], base["bias"]
-    dt = autocast_dtype(x)
-    if dt is not None:
-        with torch.autocast(x.device.type, enabled=False):
-            return _fused(self, active, x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), dt)
+    if any_autocast():
+        dt = autocast_dtype(x)
+        if dt is not None:
+            with torch.autocast(x.device.type, enabled=False):
+                return _fused(d, active, x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), dt)
     if x.dtype != weight.dtype:
         return peft_forward(self, x)  # PEFT raises (or casts) exactly as it always did
-    return _fused(self, active, x, weight, bias, None)
+    return _fused(d, active, x, weight, bias, None)
 
 
-def _fused(self, active, x, weight, bias, cast):
-    d = self.__dict__
+def _fused(d, active, x, weight, bias, cast):
     mods, backend, weight_t, scaling = d["_modules"], d["_fastpeft_backend"], d["_fastpeft_weight_t"], d["scaling"]
     lora_a, lora_b, dropout = mods["lora_A"]._modules, mods["lora_B"]._modules, mods["lora_dropout"]._modules
     y = None
     for name in active:
         a = lora_a[name]._parameters["weight"]
-        b, lb = lora_b[name]._parameters["weight"], lora_b[name]._parameters.get("bias")
+        bp = lora_b[name]._parameters
+        b, lb = bp["weight"], bp.get("bias")
         if cast is not None:
             a, b, lb = a.to(cast), b.to(cast), None if lb is None else lb.to(cast)
         drop = dropout[name]

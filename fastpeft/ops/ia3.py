@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .linear import AUTO, _lib, _use_triton
+from .linear import AUTO, _lib, _use_triton, direct_call
 
 __all__ = ["ia3_linear"]
 
@@ -64,7 +64,8 @@ def _ia3_fwd_torch(x, weight, bias, l, scale_input, weight_t, save_base):
     return base.mul_(l), None  # in place; a wider l is applied in its dtype and rounded once, like PEFT
 
 
-def _ia3_linear_impl(x, weight, bias, scale, scale_input, weight_t, save_base, backend):
+def _ia3_fwd(x, weight, bias, scale, scale_input, weight_t, save_base, backend):
+    """The op's computation: (y, saved base output or None). The registered kernel and the direct call share it."""
     k, n = _check(x, weight, scale, scale_input, weight_t)
     l = scale.view(-1)
     if _use_triton(x, backend):
@@ -76,12 +77,17 @@ def _ia3_linear_impl(x, weight, bias, scale, scale_input, weight_t, save_base, b
     else:
         y, base = _ia3_fwd_torch(x, weight, bias, l, scale_input, weight_t, save_base)
     if base is None or scale_input or not save_base:
-        return y, x.new_empty((0,))
+        return y, None
     return y, base.view(-1, n)
 
 
-def _ia3_linear_backward_impl(dy, saved, weight, scale, scale_input, weight_t, saved_is_base, need_dx, need_dl,
-                              backend):
+def _ia3_linear_impl(x, weight, bias, scale, scale_input, weight_t, save_base, backend):
+    y, base = _ia3_fwd(x, weight, bias, scale, scale_input, weight_t, save_base, backend)
+    return y, x.new_empty((0,)) if base is None else base
+
+
+def _ia3_bwd(dy, saved, weight, scale, scale_input, weight_t, saved_is_base, need_dx, need_dl, backend):
+    """The backward op's computation: (dx, dl), None where not requested."""
     n = dy.shape[-1]
     dy2, l = dy.reshape(-1, n), scale.reshape(-1)
     if _use_triton(dy, backend):
@@ -106,10 +112,15 @@ def _ia3_linear_backward_impl(dy, saved, weight, scale, scale_input, weight_t, s
                     dl = dl.div_(l.float())
             if need_dx:
                 dx = torch.mm((dy2 * l).to(dy2.dtype), w)
-    empty = dy.new_empty((0,))
-    dx = empty if dx is None else dx.view(*dy.shape[:-1], -1)
-    dl = empty if dl is None else dl.to(scale.dtype).view(scale.shape)
-    return dx, dl
+    return (None if dx is None else dx.view(*dy.shape[:-1], -1),
+            None if dl is None else dl.to(scale.dtype).view(scale.shape))
+
+
+def _ia3_linear_backward_impl(dy, saved, weight, scale, scale_input, weight_t, saved_is_base, need_dx, need_dl,
+                              backend):
+    dx, dl = _ia3_bwd(dy, saved, weight, scale, scale_input, weight_t, saved_is_base, need_dx, need_dl, backend)
+    # unrequested outputs are distinct empty tensors: custom-op outputs may not alias each other
+    return dy.new_empty((0,)) if dx is None else dx, dy.new_empty((0,)) if dl is None else dl
 
 
 for _key in ("CPU", "CUDA"):
@@ -141,7 +152,8 @@ _ia3_linear_backward_op = torch.ops.fastpeft.ia3_linear_backward.default
 class _IA3LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, scale, scale_input, weight_t, save_base, backend):
-        y, base = _ia3_linear_op(x, weight, bias, scale, scale_input, weight_t, save_base, backend)
+        fwd = _ia3_fwd if direct_call(x, weight, bias, scale) else _ia3_linear_op
+        y, base = fwd(x, weight, bias, scale, scale_input, weight_t, save_base, backend)
         saved = x if scale_input else (base if save_base else y)
         ctx.save_for_backward(saved, weight, scale)
         ctx.args = (scale_input, weight_t, save_base, backend)
@@ -155,16 +167,19 @@ class _IA3LinearFn(torch.autograd.Function):
         if nw or nb:
             raise NotImplementedError("fastpeft ia3_linear: gradients for the base weight/bias are not fused; "
                                       "this layer should have kept PEFT's forward (fastpeft.report names why)")
-        dx, dl = _ia3_linear_backward_op(dy, saved, weight, scale, scale_input, weight_t,
-                                                        save_base, nx, nl, backend)
+        bwd = _ia3_bwd if direct_call(dy, saved, weight, scale) else _ia3_linear_backward_op
+        dx, dl = bwd(dy, saved, weight, scale, scale_input, weight_t, save_base, nx, nl, backend)
         return dx if nx else None, None, None, dl if nl else None, None, None, None, None
 
 
 def ia3_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scale: Tensor, scale_input: bool,
                weight_t: bool = False, save_base: bool = False, backend: int = AUTO) -> Tensor:
-    """IA3-scaled linear as one op; differentiable in x and the IA3 vector (the base layer is frozen)."""
+    """IA3-scaled linear as one op; differentiable in x and the IA3 vector (the base layer is frozen). Where
+    ``direct_call`` allows, the op's implementation is called as a function (see ops/linear.py)."""
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
         if x.dtype != torch.float32 and not _use_triton(x, backend):
             save_base = True  # the torch path rounds the base before scaling: y / l would carry two roundings
         return _IA3LinearFn.apply(x, weight, bias, scale, scale_input, weight_t, save_base, backend)
+    if direct_call(x, weight, bias, scale):
+        return _ia3_fwd(x, weight, bias, scale, scale_input, weight_t, False, backend)[0]
     return _ia3_linear_op(x, weight, bias, scale, scale_input, weight_t, False, backend)[0]
