@@ -208,9 +208,9 @@ def _bwd_torch(dy2, x2, weight, a, b, xa, s, p, seed, weight_t, need_dx, need_da
         xd = x2 if x2.dtype == a.dtype else x2.to(a.dtype)
         if keep is not None:
             xd = keep.mul_(xd)
-        da = torch.mm(xd.t(), g).t().contiguous()  # (x^T g)^T: the faster operand layout for BLAS at M >> R
+        da = torch.mm(g.t(), xd)  # [R, K] in the parameter's layout, no transposed copy
     if need_db:
-        db = torch.mm(xa.to(b.dtype).t(), dyb).mul_(s).t().contiguous()  # (xa^T dY)^T: the faster BLAS layout
+        db = torch.mm(dyb.t(), xa.to(b.dtype)).mul_(s)  # [N, R] in the parameter's layout, no transposed copy
     return dx, da, db
 
 
