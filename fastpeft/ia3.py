@@ -39,31 +39,35 @@ def fused_ia3_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Te
     d = self.__dict__  # PEFT's live state without nn.Module.__getattr__ (see fastpeft/lora.py)
     if args or kwargs or d["_disable_adapters"] or d["merged_adapters"]:
         return peft_forward(self, x, *args, **kwargs)
-    params = d["_modules"]["ia3_l"]._parameters
+    mods = d["_modules"]
+    params = mods["ia3_l"]._parameters
     active = d["_active_adapter"]
-    if isinstance(active, str):  # the common case: one adapter, no list comprehension
-        vectors = [params[active]] if active in params else []
+    if isinstance(active, str):  # the common case: one adapter, its vector passed as it is
+        scale = params.get(active)
+        if scale is None:
+            return peft_forward(self, x)
+        vectors = (scale,)
     else:
         vectors = [params[name] for name in active if name in params]
-    if not vectors:
-        return peft_forward(self, x)
-    base = d["_modules"]["base_layer"]._parameters
+        if not vectors:
+            return peft_forward(self, x)
+        scale = vectors[0]
+        for v in vectors[1:]:
+            scale = scale.flatten() * v.flatten()
+    base = mods["base_layer"]._parameters
     weight, bias = base["weight"], base["bias"]
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return peft_forward(self, x)  # e.g. bias="all" made the base bias trainable
-    scale = vectors[0]
-    for v in vectors[1:]:
-        scale = scale.flatten() * v.flatten()
-    scale_input, weight_t, backend = d["is_feedforward"], d["_fastpeft_weight_t"], d["_fastpeft_backend"]
+    scale_input = d["is_feedforward"]
     save_base = False
-    if not scale_input and torch.is_grad_enabled() and scale.requires_grad:
+    if not scale_input and scale.requires_grad and torch.is_grad_enabled():
         save_base = torch.compiler.is_compiling() or _has_zero(self, vectors)
     if any_autocast():
         dt = autocast_dtype(x)
         if dt is not None:
             with torch.autocast(x.device.type, enabled=False):
                 return ia3_linear(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), scale, scale_input,
-                                  weight_t, save_base, backend)
+                                  d["_fastpeft_weight_t"], save_base, d["_fastpeft_backend"])
     if x.dtype != weight.dtype:
         return peft_forward(self, x)
-    return ia3_linear(x, weight, bias, scale, scale_input, weight_t, save_base, backend)
+    return ia3_linear(x, weight, bias, scale, scale_input, d["_fastpeft_weight_t"], save_base, d["_fastpeft_backend"])
