@@ -36,7 +36,9 @@ def check_lora_linear(module: nn.Module) -> str | None:
 def fused_lora_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     # PEFT's live state, read straight from the instance dicts: the same attributes PEFT's properties return
     # (``_disable_adapters``, ``merged_adapters``, ``_active_adapter``), without nn.Module.__getattr__ on the
-    # decode path (see shared/notes/host-overhead.md). Nothing is cached.
+    # decode path (see shared/notes/host-overhead.md). Nothing is cached. Each dict is read once and one active
+    # adapter goes straight to the op: at decode the interpreter's working set is cold (the weights stream through
+    # the caches), so every lookup and Python frame counts.
     d = self.__dict__
     if args or kwargs or d["_disable_adapters"] or d["merged_adapters"]:
         return peft_forward(self, x, *args, **kwargs)  # mixed batches, merged or disabled: PEFT's own forward
@@ -51,37 +53,55 @@ def fused_lora_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.T
     if not active or (variants and any(name in variants for name in active)):
         return peft_forward(self, x)  # no adapter on this layer, or DoRA & co. added after patching
     dropout = mods["lora_dropout"]._modules
+    ps = []
     for name in active:
-        drop = dropout[name]  # nn.Identity at p = 0; type() first: getattr(Identity, "p") raises inside nn.Module
-        if type(drop) is not nn.Identity and drop.training and getattr(drop, "p", 0.0) >= 1.0:
+        drop = dropout[name]  # PEFT makes nn.Identity at p = 0 and nn.Dropout otherwise
+        kind = type(drop)
+        if kind is _Identity:
+            ps.append(0.0)
+            continue
+        if kind is not _Dropout:
+            return peft_forward(self, x)  # a dropout module of another kind: PEFT calls it as it is
+        p = drop.p if drop.training else 0.0
+        if p >= 1.0:
             return peft_forward(self, x)  # dropout p = 1 zeroes the input: no 1 / (1 - p) to fold
+        ps.append(p)
     base = mods["base_layer"]._parameters
     weight, bias = base["weight"], base["bias"]
+    cast = None
     if any_autocast():
-        dt = autocast_dtype(x)
-        if dt is not None:
-            with torch.autocast(x.device.type, enabled=False):
-                return _fused(d, active, x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), dt)
-    if x.dtype != weight.dtype:
+        cast = autocast_dtype(x)
+    if cast is None and x.dtype != weight.dtype:
         return peft_forward(self, x)  # PEFT raises (or casts) exactly as it always did
-    return _fused(d, active, x, weight, bias, None)
+    if cast is None and len(active) == 1:
+        name, p = active[0], ps[0]
+        bp = mods["lora_B"]._modules[name]._parameters
+        return lora_linear(x, weight, bias, lora_a[name]._parameters["weight"], bp["weight"], bp.get("bias"), None,
+                           d["scaling"][name], p, new_seed() if p > 0.0 else None, d["_fastpeft_weight_t"],
+                           d["_fastpeft_backend"])
+    if cast is None:
+        return _fused(d, mods, active, ps, x, weight, bias, None)
+    with torch.autocast(x.device.type, enabled=False):
+        return _fused(d, mods, active, ps, x.to(cast), weight.to(cast), None if bias is None else bias.to(cast), cast)
 
 
-def _fused(d, active, x, weight, bias, cast):
-    mods, backend, weight_t, scaling = d["_modules"], d["_fastpeft_backend"], d["_fastpeft_weight_t"], d["scaling"]
-    lora_a, lora_b, dropout = mods["lora_A"]._modules, mods["lora_B"]._modules, mods["lora_dropout"]._modules
+def _fused(d, mods, active, ps, x, weight, bias, cast):
+    """Several active adapters (or autocast): one op per adapter, each adding its term to the previous output."""
+    backend, weight_t, scaling = d["_fastpeft_backend"], d["_fastpeft_weight_t"], d["scaling"]
+    lora_a, lora_b = mods["lora_A"]._modules, mods["lora_B"]._modules
     y = None
-    for name in active:
+    for name, p in zip(active, ps):
         a = lora_a[name]._parameters["weight"]
         bp = lora_b[name]._parameters
         b, lb = bp["weight"], bp.get("bias")
         if cast is not None:
             a, b, lb = a.to(cast), b.to(cast), None if lb is None else lb.to(cast)
-        drop = dropout[name]
-        p = drop.p if type(drop) is nn.Dropout and drop.training else 0.0
         seed = new_seed() if p > 0.0 else None
         if y is None:
             y = lora_linear(x, weight, bias, a, b, lb, None, scaling[name], p, seed, weight_t, backend)
         else:
             y = lora_linear(x, None, None, a, b, lb, y, scaling[name], p, seed, weight_t, backend)
     return y
+
+
+_Identity, _Dropout = nn.Identity, nn.Dropout

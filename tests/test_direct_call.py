@@ -42,21 +42,21 @@ def _dispatched(fn) -> list[str]:
 
 
 def test_direct_call_taken_in_plain_eager_only():
-    x, w = torch.randn(3, 8), torch.nn.Parameter(torch.randn(4, 8))
-    assert direct_call(x, w, None)
+    x, saved = torch.randn(3, 8), torch.nn.Parameter(torch.randn(4, 8))
+    assert direct_call(x) and direct_call(x, saved)
     with _PassThroughFunctionMode():
-        assert not direct_call(x, w, None)
+        assert not direct_call(x)
     with _PassThroughDispatchMode():
-        assert not direct_call(x, w, None)
+        assert not direct_call(x)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
-        assert not direct_call(x, w, None)
-    assert not direct_call(x.as_subclass(_Subclass), w)
-    assert not direct_call(x, w.as_subclass(_Subclass))
-    assert not direct_call(torch.empty(3, 8, device="meta"), w)
+        assert not direct_call(x)
+    assert not direct_call(x.as_subclass(_Subclass))
+    assert not direct_call(x, saved.as_subclass(_Subclass))
+    assert not direct_call(torch.empty(3, 8, device="meta"))
     seen = []
-    torch.func.vmap(lambda t: seen.append(direct_call(t, w)) or t)(x)
+    torch.func.vmap(lambda t: seen.append(direct_call(t)) or t)(x)
     assert seen == [False]
 
 

@@ -22,10 +22,9 @@ rounded to x's dtype before the matmul (as PEFT's ``.to(previous_dtype)`` does),
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .linear import AUTO, TORCH, TRITON, _lib, _use_triton, direct_call
+from .linear import AUTO, TORCH, TRITON, _lib, _linear, _use_triton, direct_call
 
 __all__ = ["ia3_linear"]
 
@@ -74,8 +73,8 @@ def _ia3_fwd(x, weight, bias, scale, scale_input, weight_t, save_base, backend):
     w = weight.t() if weight_t else weight  # [N, K] view
     if scale_input:  # PEFT's vector is [1, K]: it broadcasts against x as it is
         xs = x * (scale if scale.shape[-1] == k else scale.view(-1))  # the one temporary: a matmul reads operands
-        return F.linear(xs if xs.dtype == x.dtype else xs.to(x.dtype), w, bias), None
-    base = F.linear(x, w, bias)
+        return _linear(xs if xs.dtype == x.dtype else xs.to(x.dtype), w, bias), None
+    base = _linear(x, w, bias)
     if save_base:
         y = base.mul(scale.view(-1))
         return y if y.dtype == base.dtype else y.to(base.dtype), base.view(-1, n)
@@ -153,7 +152,7 @@ _ia3_linear_backward_op = torch.ops.fastpeft.ia3_linear_backward.default
 class _IA3LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, scale, scale_input, weight_t, save_base, backend):
-        fwd = _ia3_fwd if direct_call(x, weight, bias, scale) else _ia3_linear_op
+        fwd = _ia3_fwd if direct_call(x) else _ia3_linear_op
         y, base = fwd(x, weight, bias, scale, scale_input, weight_t, save_base, backend)
         saved = x if scale_input else (base if save_base else y)
         ctx.save_for_backward(saved, weight, scale)
@@ -168,7 +167,7 @@ class _IA3LinearFn(torch.autograd.Function):
         if nw or nb:
             raise NotImplementedError("fastpeft ia3_linear: gradients for the base weight/bias are not fused; "
                                       "this layer should have kept PEFT's forward (fastpeft.report names why)")
-        bwd = _ia3_bwd if direct_call(dy, saved, weight, scale) else _ia3_linear_backward_op
+        bwd = _ia3_bwd if direct_call(dy, saved) else _ia3_linear_backward_op
         dx, dl = bwd(dy, saved, weight, scale, scale_input, weight_t, save_base, nx, nl, backend)
         return dx if nx else None, None, None, dl if nl else None, None, None, None, None
 
@@ -181,6 +180,6 @@ def ia3_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scale: Tensor, sc
         if x.dtype != torch.float32 and not _use_triton(x, backend):
             save_base = True  # the torch path rounds the base before scaling: y / l would carry two roundings
         return _IA3LinearFn.apply(x, weight, bias, scale, scale_input, weight_t, save_base, backend)
-    if direct_call(x, weight, bias, scale):
+    if direct_call(x):
         return _ia3_fwd(x, weight, bias, scale, scale_input, weight_t, False, backend)[0]
     return _ia3_linear_op(x, weight, bias, scale, scale_input, weight_t, False, backend)[0]

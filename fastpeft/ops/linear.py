@@ -97,24 +97,24 @@ def interpreter_active() -> bool:
 
 
 _PLAIN = (Tensor, torch.nn.Parameter)
+_grad_enabled, _linear = torch.is_grad_enabled, F.linear  # module globals: one lookup each on the hot path
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _function_mode = torch._C._is_torch_function_mode_enabled
 _functorch_level = torch._C._functorch.maybe_current_level
 
 
-def direct_call(x: Tensor, *tensors: Tensor | None) -> bool:
+def direct_call(x: Tensor, other: Tensor | None = None) -> bool:
     """Whether the op's implementation may be called as a function instead of through the dispatcher: nothing
-    could observe or transform the call (see the module docstring). ``is_compiling`` comes first: under dynamo
-    it is a constant True, so the C-level queries after it are never traced."""
+    could observe or transform the call (see the module docstring). ``x`` is the op's input (and ``other`` the saved
+    input, in backward); parameters are not checked: on the direct path a parameter of a tensor subclass meets the
+    subclass's own handling of each aten call. ``is_compiling`` comes first: under dynamo it is a constant True, so
+    the C-level queries after it are never traced."""
     if _is_compiling() or _dispatch_modes() or _function_mode() or _functorch_level() is not None:
         return False
     if type(x) is not Tensor or not (x.is_cpu or x.is_cuda):
         return False
-    for t in tensors:
-        if t is not None and type(t) not in _PLAIN:
-            return False
-    return True
+    return other is None or type(other) in _PLAIN
 
 
 def _use_triton(x: Tensor, backend: int) -> bool:
@@ -152,33 +152,10 @@ def _check(x: Tensor, weight: Tensor | None, lora_a: Tensor, lora_b: Tensor, wei
 # beyond the ones a mixed-dtype matmul forces.
 
 
-# Below this many rows the low-rank term is added from a fresh [M, N] product: four aten calls and no Python-level
-# views, against views, a transpose and an in-place addmm_ (cheaper from M rows up, where the temporary costs more
-# than the views). Measured on a chain of the reference model's 28 layers at M = 1: +70 us per layer over the
-# base layer with the fresh product, +95 us with the in-place path.
+# Up to this many rows the low-rank term is added from a fresh [M, N] product: four aten calls, no Python-level
+# views. Above it, in place with addmm_ (views and a transpose, but no [M, N] temporary). On a chain of the
+# reference model's 28 layers at M = 1 the fresh product measured 20-27 us less per layer (two runs).
 _SMALL_M = 16
-
-
-def _fwd_torch(x, weight, bias, a, b, lb, res, s, p, seed, weight_t):
-    """x of any rank (F.linear folds the leading dims in C++); returns y and xa shaped like x."""
-    xd = x if x.dtype == a.dtype else x.to(a.dtype)
-    if p > 0.0:
-        xd = keep_mask_torch(seed, tuple(xd.shape), p, xd.device, xd.dtype).mul_(xd)
-    xa = F.linear(xd, a)  # [..., R]; F.linear is mm / addmm on the transposed weight, without Python-level views
-    if p > 0.0:
-        xa.mul_(1.0 / (1.0 - p))
-    if weight is not None:
-        y = F.linear(x, weight.t() if weight_t else weight, bias)  # [..., N]
-        if res is not None:
-            y.add_(res)
-    else:
-        y = res.clone()
-    n, r = b.shape
-    if lb is None and y.dtype == b.dtype and xa.numel() > _SMALL_M * r:
-        y.view(-1, n).addmm_(xa.view(-1, r), b.t(), alpha=s)  # in place: no [M, N] temporary
-    else:  # small M, lora_B bias, or a bf16 base with fp32 adapters (added in fp32, rounded once, as PEFT)
-        y.add_(F.linear(xa, b, lb), alpha=s)
-    return y, xa
 
 
 def _bwd_torch(dy2, x2, weight, a, b, xa, s, p, seed, weight_t, need_dx, need_da, need_db):
@@ -218,26 +195,50 @@ def _bwd_torch(dy2, x2, weight, a, b, xa, s, p, seed, weight_t, need_dx, need_da
 # Op implementations
 
 
-def _lora_fwd(x, weight, bias, lora_a, lora_b, lora_bias, residual, scaling, dropout_p, seed, weight_t, store_xa,
-              backend):
-    """The op's computation: (y, xa), xa None when not stored. The registered kernel and the direct call share it."""
-    _check(x, weight, lora_a, lora_b, weight_t)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"fastpeft lora_linear: dropout_p must be in [0, 1), got {dropout_p}")
-    if dropout_p > 0.0 and seed is None:
+def _lora_fwd(x, weight, bias, a, b, lb, res, s, p, seed, weight_t, store_xa, backend):
+    """The op's computation: (y, xa as [M, R] or None when not stored). The registered kernel and the direct call
+    share it.
+
+    This is the decode hot path, so the checks and the backend choice are inline and the fused torch path is
+    written out here: at decode the weights streaming through evict the interpreter's working set, and every extra
+    Python frame then costs microseconds (see ops/ia3.py). The torch path takes x of any rank (F.linear folds the
+    leading dims in C++, without Python-level views).
+    """
+    (r, k), (n, rb) = a.shape, b.shape
+    if (x.shape[-1] != k or rb != r or (weight is not None and (weight.dtype != x.dtype
+            or weight.shape != ((k, n) if weight_t else (n, k))))):
+        _check(x, weight, a, b, weight_t)  # raises, naming what was expected
+    if p != 0.0 and (not 0.0 < p < 1.0 or seed is None):
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"fastpeft lora_linear: dropout_p must be in [0, 1), got {p}")
         raise ValueError("fastpeft lora_linear: dropout_p > 0 needs a seed tensor (fastpeft.ops.linear.new_seed())")
     seed_i = 0 if seed is None else int(seed)
-    if not _use_triton(x, backend):
-        y, xa = _fwd_torch(x, weight, bias, lora_a, lora_b, lora_bias, residual, scaling, dropout_p, seed_i, weight_t)
-        return y, xa.view(-1, xa.shape[-1]) if store_xa else None  # saved for backward as [M, R]
-    from fastpeft.kernels.lora import lora_fwd
+    if backend != TORCH and (x.is_cuda or backend == TRITON) and _use_triton(x, backend):
+        from fastpeft.kernels.lora import lora_fwd
 
-    lead, k, n = x.shape[:-1], x.shape[-1], lora_b.shape[0]
-    x2 = x if len(lead) == 1 else x.reshape(-1, k)
-    res2 = residual if residual is None or len(lead) == 1 else residual.reshape(-1, n)
-    y, xa = lora_fwd(x2, weight, bias, lora_a, lora_b, lora_bias, res2, scaling, dropout_p, seed_i,
-                     weight_t=weight_t, store_xa=store_xa)
-    return y if len(lead) == 1 else y.view(*lead, n), xa if store_xa else None
+        lead = x.shape[:-1]
+        x2 = x if len(lead) == 1 else x.reshape(-1, k)
+        res2 = res if res is None or len(lead) == 1 else res.reshape(-1, n)
+        y, xa = lora_fwd(x2, weight, bias, a, b, lb, res2, s, p, seed_i, weight_t=weight_t, store_xa=store_xa)
+        return y if len(lead) == 1 else y.view(*lead, n), xa if store_xa else None
+    xd = x if x.dtype == a.dtype else x.to(a.dtype)
+    if p > 0.0:
+        xd = keep_mask_torch(seed_i, tuple(xd.shape), p, xd.device, xd.dtype).mul_(xd)
+    xa = _linear(xd, a)  # [..., R]
+    if p > 0.0:
+        xa.mul_(1.0 / (1.0 - p))
+    if weight is not None:
+        y = _linear(x, weight.t() if weight_t else weight, bias)  # [..., N]
+        if res is not None:
+            y.add_(res)
+    else:
+        y = res.clone()
+    if xa.numel() <= _SMALL_M * r or lb is not None or y.dtype != b.dtype:
+        # small M, lora_B bias, or a bf16 base with fp32 adapters (added in fp32, rounded once, as PEFT does)
+        y.add_(_linear(xa, b, lb), alpha=s)
+    else:
+        y.view(-1, n).addmm_(xa.view(-1, r), b.t(), alpha=s)  # in place: no [M, N] temporary
+    return y, xa.view(-1, r) if store_xa else None
 
 
 def _lora_linear_impl(x, weight, bias, lora_a, lora_b, lora_bias, residual, scaling, dropout_p, seed, weight_t,
@@ -310,7 +311,7 @@ class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, lora_bias, residual, scaling, dropout_p, seed, weight_t,
                 backend):
-        fwd = _lora_fwd if direct_call(x, weight, bias, lora_a, lora_b, lora_bias, residual) else _lora_linear_op
+        fwd = _lora_fwd if direct_call(x) else _lora_linear_op
         y, xa = fwd(x, weight, bias, lora_a, lora_b, lora_bias, residual, scaling, dropout_p, seed, weight_t, True,
                     backend)
         ctx.save_for_backward(x, weight, lora_a, lora_b, xa, seed)
@@ -322,7 +323,7 @@ class _LoraLinearFn(torch.autograd.Function):
         x, weight, lora_a, lora_b, xa, seed = ctx.saved_tensors
         scaling, dropout_p, weight_t, backend = ctx.args
         nx, nw, nb, na, nbb, nlb, nres = ctx.needs_input_grad[:7]
-        bwd = _lora_bwd if direct_call(dy, x, weight, lora_a, lora_b, xa) else _lora_linear_backward_op
+        bwd = _lora_bwd if direct_call(dy, x) else _lora_linear_backward_op
         dx, da, db = bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, weight_t, nx, na, nbb, backend)
         dy2 = dy.reshape(-1, dy.shape[-1])
         dw = dbias = dlb = None
@@ -346,14 +347,14 @@ def lora_linear(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_a: T
     Without a gradient to track it calls the op directly (no autograd bookkeeping on the decode path), or, where
     ``direct_call`` allows, the op's implementation.
     """
-    if torch.is_grad_enabled() and (
+    if _grad_enabled() and (
         x.requires_grad or lora_a.requires_grad or lora_b.requires_grad
         or (weight is not None and weight.requires_grad) or (bias is not None and bias.requires_grad)
         or (lora_bias is not None and lora_bias.requires_grad) or (residual is not None and residual.requires_grad)
     ):
         return _LoraLinearFn.apply(x, weight, bias, lora_a, lora_b, lora_bias, residual, scaling, dropout_p, seed,
                                    weight_t, backend)
-    if direct_call(x, weight, bias, lora_a, lora_b, lora_bias, residual):
+    if direct_call(x):
         return _lora_fwd(x, weight, bias, lora_a, lora_b, lora_bias, residual, scaling, dropout_p, seed, weight_t,
                          False, backend)[0]
     return _lora_linear_op(x, weight, bias, lora_a, lora_b, lora_bias, residual, scaling, dropout_p, seed, weight_t,
