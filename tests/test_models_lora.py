@@ -274,6 +274,26 @@ def test_dropout_p1_keeps_peft_forward():
     assert_same_run(loss_logits_grads(fm, inputs), loss_logits_grads(pm, inputs))
 
 
+class _HalfInput(nn.Module):
+    """A dropout slot filled with a module of another kind (deterministic, so the two runs compare exactly)."""
+
+    def forward(self, x):
+        return x * 0.5
+
+
+def test_other_dropout_module_keeps_peft_forward():
+    """A lora_dropout entry that is neither nn.Dropout nor nn.Identity is PEFT's to call: same result as PEFT."""
+    pm = lora_model("llama").train()
+    for m in pm.modules():
+        if hasattr(m, "lora_dropout") and "default" in m.lora_dropout:
+            m.lora_dropout["default"] = _HalfInput()
+    fm = fused_copy(pm)
+    inputs = model_inputs("llama")
+    assert_same_run(loss_logits_grads(fm, inputs), loss_logits_grads(pm, inputs))
+    plain = lora_model("llama").train()  # the replaced module did change the result
+    assert not torch.equal(loss_logits_grads(plain, inputs)[0], loss_logits_grads(pm, inputs)[0])
+
+
 def test_gradient_checkpointing_recomputes_same_dropout():
     """Non-reentrant checkpointing reruns every fused layer; the recompute must redraw the same dropout seed."""
     pm = lora_model("llama", lora_dropout=0.1).train()
