@@ -2,15 +2,14 @@
 
 A diagnostic, not a provider: the fused model is timed with its layer op swapped for stand-ins, interleaved round
 by round with the base model and PEFT, and reported as median ratios to the base model:
-- ``fastpeft``: the fused op as shipped;
-- ``inline-aten`` (LoRA): the same three aten calls the op's CPU path makes (``mm``, ``mm``, ``addmm_``) called
-  inline, with no custom op around them: the floor of exact LoRA math with torch's CPU matmuls;
-- ``op-impl-direct`` (LoRA): the op's own CPU implementation called as a Python function, without the
-  dispatcher round trip (what a direct-call fast path for eager CPU would cost);
+- ``fastpeft``: the fused op as shipped (in eager, the op's implementation called directly: ``direct_call``);
+- ``dispatched``: the same op forced through the registered custom op (the boxed dispatcher round trip);
+- ``inline-aten`` (LoRA): the four aten calls the op's CPU path makes at decode (three ``F.linear``, one ``add_``)
+  called inline, with no checks and no op around them: the floor of exact LoRA math with torch's CPU matmuls;
 - ``base-linear-only``: the patched layer's forward calling ``F.linear`` alone (no adapter math at all): what the
   patched forward's Python and reading PEFT's state cost.
-The gap fastpeft - op-impl-direct is the dispatcher round trip; op-impl-direct - inline-aten is the op's Python
-implementation (checks, reshapes).
+The gap dispatched - fastpeft is the dispatcher round trip; fastpeft - inline-aten is the op's Python (checks,
+backend choice).
 """
 
 from __future__ import annotations
@@ -28,9 +27,19 @@ from benchmarks import harness
 def _inline_aten(x, weight, bias, a, b, lora_bias, residual, scaling, p, seed, weight_t, backend):
     if bias is not None or lora_bias is not None or residual is not None or p or weight_t:
         raise NotImplementedError("the inline stand-in covers the reference workload's layers only")
-    x2 = x.reshape(-1, x.shape[-1])
-    y = torch.mm(x2, weight.t()).addmm_(torch.mm(x2, a.t()), b.t(), alpha=scaling)
-    return y.view(*x.shape[:-1], -1)
+    return F.linear(x, weight).add_(F.linear(F.linear(x, a), b), alpha=scaling)
+
+
+def _dispatched_lora(x, weight, bias, a, b, lora_bias, residual, scaling, p, seed, weight_t, backend):
+    from fastpeft.ops.linear import _lora_linear_op
+
+    return _lora_linear_op(x, weight, bias, a, b, lora_bias, residual, scaling, p, seed, weight_t, False, backend)[0]
+
+
+def _dispatched_ia3(x, weight, bias, scale, scale_input, weight_t, save_base, backend):
+    from fastpeft.ops.ia3 import _ia3_linear_op
+
+    return _ia3_linear_op(x, weight, bias, scale, scale_input, weight_t, save_base, backend)[0]
 
 
 def _linear_only(x, weight, bias, *args):
@@ -47,12 +56,10 @@ def main(argv=None) -> int:
 
     module, attr = (fastpeft.lora, "lora_linear") if method == "lora" else (fastpeft.ia3, "ia3_linear")
     shipped = getattr(module, attr)
-    variants = {"fastpeft": shipped, "base-linear-only": _linear_only}
+    variants = {"fastpeft": shipped, "dispatched": _dispatched_lora if method == "lora" else _dispatched_ia3,
+                "base-linear-only": _linear_only}
     if method == "lora":
-        from fastpeft.ops.linear import _lora_linear_impl
-
         variants["inline-aten"] = _inline_aten
-        variants["op-impl-direct"] = lambda *a: _lora_linear_impl(*a[:11], False, a[11])[0]
     bench = harness.Bench("full")
     w = bench.workload(f"decode-B{batch}")
     runners = {p: bench.runner(method, w, p) for p in harness.PROVIDERS}
