@@ -56,8 +56,9 @@ def _ia3_fwd(x, weight, bias, scale, scale_input, weight_t, save_base, backend):
 
     This is the decode hot path, so the checks and the backend choice are inline and the torch path is written out
     here: at decode the weights streaming through evict the interpreter's working set, and every extra Python frame
-    then costs microseconds (on a chain of the reference model's 28 layers: +87 us per IA3 layer through four more
-    frames, against +16 us for the bare aten calls). On x of any rank: F.linear folds the leading dims in C++.
+    then costs microseconds (on a chain of the reference model's 28 layers, over the base layer: +87 us per IA3 layer
+    with the checks and the torch path in four more frames, +62 us as written here, +16-28 us for the bare aten
+    calls). On x of any rank: F.linear folds the leading dims in C++.
     """
     n, k = weight.shape
     if weight_t:
