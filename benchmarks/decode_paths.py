@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import harness
+from fastpeft.ops.ia3 import _ia3_linear_op
+from fastpeft.ops.linear import _lora_linear_op
 
 
 def _inline_aten(x, weight, bias, a, b, lora_bias, residual, scaling, p, seed, weight_t, backend):
@@ -31,14 +33,10 @@ def _inline_aten(x, weight, bias, a, b, lora_bias, residual, scaling, p, seed, w
 
 
 def _dispatched_lora(x, weight, bias, a, b, lora_bias, residual, scaling, p, seed, weight_t, backend):
-    from fastpeft.ops.linear import _lora_linear_op
-
     return _lora_linear_op(x, weight, bias, a, b, lora_bias, residual, scaling, p, seed, weight_t, False, backend)[0]
 
 
 def _dispatched_ia3(x, weight, bias, scale, scale_input, weight_t, save_base, backend):
-    from fastpeft.ops.ia3 import _ia3_linear_op
-
     return _ia3_linear_op(x, weight, bias, scale, scale_input, weight_t, save_base, backend)[0]
 
 

@@ -38,7 +38,8 @@ _lib.define(
 )
 
 
-def _check(x: Tensor, weight: Tensor, scale: Tensor, scale_input: bool, weight_t: bool) -> tuple[int, int]:
+def _check(x: Tensor, weight: Tensor, scale: Tensor, scale_input: bool, weight_t: bool) -> None:
+    """Raises, naming what was expected; the hot path calls it only once its inline test has found a mismatch."""
     k, n = (weight.shape[0], weight.shape[1]) if weight_t else (weight.shape[1], weight.shape[0])
     if x.shape[-1] != k:
         raise ValueError(f"fastpeft ia3_linear: x has {x.shape[-1]} features, expected in_features={k}")
@@ -48,7 +49,6 @@ def _check(x: Tensor, weight: Tensor, scale: Tensor, scale_input: bool, weight_t
                          f"{'in' if scale_input else 'out'}_features={want}")
     if weight.dtype != x.dtype:
         raise TypeError(f"fastpeft ia3_linear: x is {x.dtype} but the base weight is {weight.dtype}; expected the same dtype")
-    return k, n
 
 
 def _ia3_fwd(x, weight, bias, scale, scale_input, weight_t, save_base, backend):
