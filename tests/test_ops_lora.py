@@ -256,10 +256,37 @@ def test_keep_mask_across_draw_chunks():
     sigma = ((1 - p) * p / _CHUNK) ** 0.5
     for c in chunks:
         assert abs(c.mean().item() - (1 - p)) < 5 * sigma
-    # neighbouring elements are uncorrelated (the two 32-bit halves of a 64-bit word are both used)
+    # neighbouring elements are uncorrelated (the eight bytes of a 64-bit word are all used)
     a, b = flat[:-1:2], flat[1::2]
     corr = ((a - a.mean()) * (b - b.mean())).mean() / (a.std() * b.std())
     assert abs(corr.item()) < 5 / a.numel() ** 0.5, corr
+
+
+@pytest.mark.parametrize("half", [0, 1], ids=["threshold-on-a-byte", "threshold-between-bytes"])
+def test_keep_mask_exact_threshold(half):
+    """The byte draws with their tie refinement keep with probability exactly ``t / 2^32``. With
+    ``t = 2^24 (230 + half / 2)``: half = 0 needs no tie refinement (keep iff byte < 230), half = 1 keeps half of
+    the ties (byte == 230), 230.5 / 256 in all -- 13 sigma from either byte-only rule over 4M draws, so a tie
+    handled wrongly fails here."""
+    from fastpeft.ops.linear import keep_threshold
+
+    p = 1 - (230 + half / 2) / 256
+    assert keep_threshold(p) == (230 << 24) + half * (1 << 23)
+    n = 1 << 22
+    keep = keep_mask_torch(5, (n // 1024, 1024), p, "cpu", F32)
+    frac, sigma = keep.mean().item(), ((1 - p) * p / n) ** 0.5
+    assert abs(frac - (1 - p)) < 5 * sigma, (frac, 1 - p)
+
+
+def test_keep_mask_independent_of_chunk_size(monkeypatch):
+    """The mask is a function of the seed alone: the numpy draw chunk is a memory detail."""
+    import fastpeft.ops.linear as ops
+
+    shape, p = (5, 7001), 0.1
+    keep = keep_mask_torch(3, shape, p, "cpu", F32)
+    for chunk in (8, 4096, 1 << 20):
+        monkeypatch.setattr(ops, "_CHUNK", chunk)
+        assert torch.equal(keep_mask_torch(3, shape, p, "cpu", F32), keep), chunk
 
 
 def test_dropout_p_out_of_range_raises():

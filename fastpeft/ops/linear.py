@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["AUTO", "TRITON", "TORCH", "BACKENDS", "lora_linear", "keep_mask_torch", "new_seed", "interpreter_active",
-           "direct_call"]
+__all__ = ["AUTO", "TRITON", "TORCH", "BACKENDS", "lora_linear", "keep_mask_torch", "keep_threshold", "new_seed",
+           "interpreter_active", "direct_call"]
 
 AUTO, TRITON, TORCH = 0, 1, 2
 BACKENDS = {"auto": AUTO, "triton": TRITON, "torch": TORCH}
@@ -60,19 +60,32 @@ def new_seed() -> Tensor:
 
 
 _NUMPY_DTYPES = (torch.float32, torch.float16, torch.float64)
-_CHUNK = 1 << 16  # mask elements drawn per numpy call: the raw words and the mask chunk stay in L2
+_CHUNK = 1 << 16  # mask elements per numpy call: the chunk's random bytes and its mask stay in L2
+
+
+def keep_threshold(p: float) -> int:
+    """Keep iff a uniform 32-bit word is below this: ``round((1 - p) 2^32)``, Bernoulli(1 - p) to within 2^-33."""
+    return min(round((1.0 - p) * 2.0**32), 2**32 - 1)
 
 
 def keep_mask_torch(seed: int, shape: tuple[int, int], p: float, device, dtype) -> Tensor:
     """The fused torch path's dropout keep-mask (0/1 in ``dtype``), a pure function of ``seed``.
 
-    On CPU it is drawn with numpy's SFC64 (a small-state generator that passes BigCrush and PractRand), seeded
-    through numpy's SeedSequence so that neighbouring seeds give independent streams: keep iff a uniform 32-bit
-    word is below ``round((1 - p) 2^32)``, i.e. Bernoulli(1 - p) to within 2^-33 (torch.rand is 2^-24). It costs
-    about a third of ``torch.rand(...) < 1 - p`` (torch's CPU uniform_ draws element by element from
-    mt19937), which matters because the mask is drawn twice per step (forward, and again in backward).
+    On CPU the 32-bit comparison ``u < t`` (``t = keep_threshold(p)``) is made a byte at a time. Write
+    ``u = 2^24 b + l`` and ``t = 2^24 T + L`` with b a uniform byte and l an independent uniform 24-bit word: then
+    ``u < t`` iff ``b < T``, or ``b == T`` and ``l < L``. Each element draws its byte b; only the ties (1 in 256)
+    draw an l. The mask is exactly the 32-bit one in distribution at an eighth of the random words: random words
+    are what a CPU mask costs (numpy's generators give about one 64-bit word per 2 ns).
+
+    The stream is numpy's SFC64 (a small-state generator that passes BigCrush and PractRand) seeded through
+    SeedSequence, so that neighbouring seeds give independent streams. Element i takes byte i of the first
+    ``ceil(n / 8)`` words (native byte order); then each tie, in element order, takes one more word, whose bits
+    0-23 are its l.
+    The mask is drawn twice per step (forward, and again in backward: it is never stored), which is why its cost
+    matters; ``torch.rand`` (mt19937, element by element) is about 4x this.
     On other devices it is ``torch.rand`` with a generator of that device.
     """
+    t = keep_threshold(p)
     if torch.device(device).type != "cpu":
         gen = torch.Generator(device=device).manual_seed(int(seed))
         # drawn in fp32 even for a bf16 mask: a bf16 uniform has too few levels to hit 1 - p
@@ -82,12 +95,19 @@ def keep_mask_torch(seed: int, shape: tuple[int, int], p: float, device, dtype) 
 
     keep = torch.empty(shape, dtype=dtype if dtype in _NUMPY_DTYPES else torch.float32)
     out = keep.numpy().reshape(-1)
-    n, thr = out.size, np.uint32(min(round((1.0 - p) * 2.0**32), 2**32 - 1))
+    n, hi, lo = out.size, np.uint8(t >> 24), np.uint64(t & 0xFFFFFF)
     bits = np.random.SFC64(int(seed))
-    for i in range(0, n, _CHUNK):
+    ties = []
+    for i in range(0, n, _CHUNK):  # chunks of a multiple of 8: the byte stream does not depend on _CHUNK
         c = min(_CHUNK, n - i)
-        words = bits.random_raw((c + 1) // 2).view(np.uint32)[:c]  # two 32-bit draws per 64-bit word
-        np.less(words, thr, out=out[i:i + c], casting="unsafe")
+        b = bits.random_raw((c + 7) // 8).view(np.uint8)[:c]  # eight byte draws per 64-bit word
+        np.less(b, hi, out=out[i:i + c], casting="unsafe")
+        tie = np.flatnonzero(b == hi)
+        if tie.size:
+            ties.append(tie + i)
+    if ties:
+        tie = np.concatenate(ties)
+        out[tie] = (bits.random_raw(tie.size) & np.uint64(0xFFFFFF)) < lo
     return keep if keep.dtype == dtype else keep.to(dtype)
 
 
