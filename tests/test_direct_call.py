@@ -122,3 +122,31 @@ def test_dispatcher_skipped_in_eager_and_used_when_watched(run, op, grad):
     with OpCounter() as log:  # a TorchDispatchMode sees each fused op as one op
         run(grad)
     assert [n for n in log.names if n.startswith("fastpeft.")] == [f"fastpeft.{n}" for n in expected]
+
+
+_NO_MODE = torch.no_grad  # (the tests run without a gradient anyway: a no-op context)
+
+
+CONTEXTS = [  # (context, input x -> x, all tensors on meta, whether the direct call is taken)
+    pytest.param(_NO_MODE, lambda t: t, False, True, id="plain"),
+    pytest.param(_PassThroughFunctionMode, lambda t: t, False, False, id="function-mode"),
+    pytest.param(_PassThroughDispatchMode, lambda t: t, False, False, id="dispatch-mode"),
+    pytest.param(_NO_MODE, lambda t: t.as_subclass(_Subclass), False, False, id="subclass-input"),
+    pytest.param(_NO_MODE, lambda t: t, True, False, id="meta-tensors"),
+]
+
+
+@pytest.mark.parametrize("context,wrap_x,meta,direct", CONTEXTS)
+def test_entry_points_inline_the_same_test(context, wrap_x, meta, direct):
+    """``lora_linear`` and ``ia3_linear`` test ``direct_call``'s condition inline (a frame less at decode): without
+    a gradient they skip the dispatcher exactly where ``direct_call`` says so."""
+    x, w, bias, a, b, _ = (t.detach() if t is not None else None for t in _lora_case(0.0))
+    l = torch.rand(40)
+    if meta:
+        x, w, bias, a, b, l = (t.to("meta") for t in (x, w, bias, a, b, l))
+    x = wrap_x(x)
+    with torch.no_grad(), context():
+        assert direct_call(x) == direct
+        lora = _dispatched(lambda: lora_linear(x, w, bias, a, b, None, None, 0.5, 0.0, None, False, TORCH))
+        ia3 = _dispatched(lambda: ia3_linear(x, w, bias, l, False, False, False, TORCH))
+    assert (lora == []) == direct and (ia3 == []) == direct, (lora, ia3)

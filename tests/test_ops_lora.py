@@ -314,6 +314,12 @@ def test_bad_inputs_raise_clear_errors(grad):
             lora_linear(t["x"], t["weight"], t["bias"], t["lora_a"], torch.randn(72, 4), backend=TORCH)
         with pytest.raises(ValueError, match=r"base weight \(40, 72\) does not match"):
             lora_linear(t["x"], torch.randn(40, 72), t["bias"], t["lora_a"], t["lora_b"], backend=TORCH)
+        # a one-row lora_B would broadcast over the output in add_ (small M) or fail in addmm_ (large M)
+        for m in (4, 32):
+            with pytest.raises(ValueError, match=r"base weight \(72, 40\) does not match in=40, out=1"):
+                lora_linear(torch.randn(m, 40), t["weight"], t["bias"], t["lora_a"], torch.randn(1, 8), backend=TORCH)
+        with pytest.raises(RuntimeError, match=r"low-rank term \(4, 1\) does not match the output \(4, 72\)"):
+            lora_linear(t["x"], None, None, t["lora_a"], torch.randn(1, 8), None, torch.zeros(4, 72), backend=TORCH)
 
 
 OPCHECK_CASES = [

@@ -153,7 +153,8 @@ def _use_triton(x: Tensor, backend: int) -> bool:
 
 
 def _check(x: Tensor, weight: Tensor | None, lora_a: Tensor, lora_b: Tensor, weight_t: bool) -> None:
-    """Raises, naming what was expected; the hot path calls it only once its inline test has found a mismatch."""
+    """Raises, naming what was expected; the hot path calls it only once a mismatch has shown (an aten call raised,
+    or the Triton path's inline test failed), and re-raises the aten error where this finds nothing to name."""
     (r, k), (n, rb) = lora_a.shape, lora_b.shape
     if x.shape[-1] != k:
         raise ValueError(f"fastpeft lora_linear: x has {x.shape[-1]} features, expected in_features={k} (lora_A {tuple(lora_a.shape)})")
@@ -220,15 +221,13 @@ def _lora_fwd(x, weight, bias, a, b, lb, res, s, p, seed, weight_t, store_xa, ba
     """The op's computation: (y, xa as [M, R] or None when not stored). The registered kernel and the direct call
     share it.
 
-    This is the decode hot path, so the checks and the backend choice are inline and the fused torch path is
-    written out here: at decode the weights streaming through evict the interpreter's working set, and every extra
-    Python frame then costs microseconds (see ops/ia3.py). The torch path takes x of any rank (F.linear folds the
-    leading dims in C++, without Python-level views).
+    This is the decode hot path, so the backend choice is inline and the fused torch path is written out here: at
+    decode the weights streaming through evict the interpreter's working set, and every extra Python frame or
+    tensor attribute read then costs microseconds (see ops/ia3.py). The torch path takes x of any rank (F.linear
+    folds the leading dims in C++, without Python-level views). Its shape and dtype checks cost nothing until they
+    fail: a mismatch makes an aten call raise, and ``_check`` then names what was expected; the one mismatch aten
+    would accept (a low-rank term that broadcasts to the output) is tested on the fresh, cache-hot results.
     """
-    (r, k), (n, rb) = a.shape, b.shape
-    if (x.shape[-1] != k or rb != r or (weight is not None and (weight.dtype != x.dtype
-            or weight.shape != ((k, n) if weight_t else (n, k))))):
-        _check(x, weight, a, b, weight_t)  # raises, naming what was expected
     if p != 0.0 and (not 0.0 < p < 1.0 or seed is None):
         if not 0.0 <= p < 1.0:
             raise ValueError(f"fastpeft lora_linear: dropout_p must be in [0, 1), got {p}")
@@ -237,28 +236,41 @@ def _lora_fwd(x, weight, bias, a, b, lb, res, s, p, seed, weight_t, store_xa, ba
     if backend != TORCH and (x.is_cuda or backend == TRITON) and _use_triton(x, backend):
         from fastpeft.kernels.lora import lora_fwd
 
+        (r, k), (n, rb) = a.shape, b.shape
+        if (x.shape[-1] != k or rb != r or (weight is not None and (weight.dtype != x.dtype
+                or weight.shape != ((k, n) if weight_t else (n, k))))):
+            _check(x, weight, a, b, weight_t)  # raises, naming what was expected
         lead = x.shape[:-1]
         x2 = x if len(lead) == 1 else x.reshape(-1, k)
         res2 = res if res is None or len(lead) == 1 else res.reshape(-1, n)
         y, xa = lora_fwd(x2, weight, bias, a, b, lb, res2, s, p, seed_i, weight_t=weight_t, store_xa=store_xa)
         return y if len(lead) == 1 else y.view(*lead, n), xa if store_xa else None
-    xd = x if x.dtype == a.dtype else x.to(a.dtype)
-    if p > 0.0:
-        xd = keep_mask_torch(seed_i, tuple(xd.shape), p, xd.device, xd.dtype).mul_(xd)
-    xa = _linear(xd, a)  # [..., R]
-    if p > 0.0:
-        xa.mul_(1.0 / (1.0 - p))
-    if weight is not None:
-        y = _linear(x, weight.t() if weight_t else weight, bias)  # [..., N]
-        if res is not None:
-            y.add_(res)
-    else:
-        y = res.clone()
-    if xa.numel() <= _SMALL_M * r or lb is not None or y.dtype != b.dtype:
-        # small M, lora_B bias, or a bf16 base with fp32 adapters (added in fp32, rounded once, as PEFT does)
-        y.add_(_linear(xa, b, lb), alpha=s)
-    else:
-        y.view(-1, n).addmm_(xa.view(-1, r), b.t(), alpha=s)  # in place: no [M, N] temporary
+    try:
+        xd = x if x.dtype == a.dtype else x.to(a.dtype)
+        if p > 0.0:
+            xd = keep_mask_torch(seed_i, tuple(xd.shape), p, xd.device, xd.dtype).mul_(xd)
+        xa = _linear(xd, a)  # [..., R]
+        if p > 0.0:
+            xa.mul_(1.0 / (1.0 - p))
+        if weight is not None:
+            y = _linear(x, weight.t() if weight_t else weight, bias)  # [..., N]
+            if res is not None:
+                y.add_(res)
+        else:
+            y = res.clone()
+        r = xa.shape[-1]
+        if xa.numel() <= _SMALL_M * r or lb is not None or y.dtype != b.dtype:
+            # small M, lora_B bias, or a bf16 base with fp32 adapters (added in fp32, rounded once, as PEFT does)
+            z = _linear(xa, b, lb)
+            if z.shape != y.shape:  # add_ would broadcast a one-column low-rank term
+                raise RuntimeError(f"fastpeft lora_linear: low-rank term {tuple(z.shape)} does not match the "
+                                   f"output {tuple(y.shape)}")
+            y.add_(z, alpha=s)
+        else:
+            y.view(-1, b.shape[0]).addmm_(xa.view(-1, r), b.t(), alpha=s)  # in place: no [M, N] temporary
+    except RuntimeError:
+        _check(x, weight, a, b, weight_t)  # raises, naming what was expected, where the inputs do not fit
+        raise
     return y, xa.view(-1, r) if store_xa else None
 
 
@@ -375,7 +387,9 @@ def lora_linear(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_a: T
     ):
         return _LoraLinearFn.apply(x, weight, bias, lora_a, lora_b, lora_bias, residual, scaling, dropout_p, seed,
                                    weight_t, backend)
-    if direct_call(x):
+    # direct_call(x), inline: one Python frame less per decode call
+    if (not (_is_compiling() or _dispatch_modes() or _function_mode() or _functorch_level() is not None)
+            and type(x) is Tensor and (x.is_cpu or x.is_cuda)):
         return _lora_fwd(x, weight, bias, lora_a, lora_b, lora_bias, residual, scaling, dropout_p, seed, weight_t,
                          False, backend)[0]
     return _lora_linear_op(x, weight, bias, lora_a, lora_b, lora_bias, residual, scaling, dropout_p, seed, weight_t,
