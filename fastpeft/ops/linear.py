@@ -82,7 +82,7 @@ def keep_mask_torch(seed: int, shape: tuple[int, int], p: float, device, dtype) 
     ``ceil(n / 8)`` words (native byte order); then each tie, in element order, takes one more word, whose bits
     0-23 are its l.
     The mask is drawn twice per step (forward, and again in backward: it is never stored), which is why its cost
-    matters; ``torch.rand`` (mt19937, element by element) is about 4x this.
+    matters; ``torch.rand`` alone (mt19937, element by element) costs about 3x this.
     On other devices it is ``torch.rand`` with a generator of that device.
     """
     t = keep_threshold(p)
