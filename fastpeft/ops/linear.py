@@ -85,7 +85,6 @@ def keep_mask_torch(seed: int, shape: tuple[int, int], p: float, device, dtype) 
     matters; ``torch.rand`` alone (mt19937, element by element) costs about 3x this.
     On other devices it is ``torch.rand`` with a generator of that device.
     """
-    t = keep_threshold(p)
     if torch.device(device).type != "cpu":
         gen = torch.Generator(device=device).manual_seed(int(seed))
         # drawn in fp32 even for a bf16 mask: a bf16 uniform has too few levels to hit 1 - p
@@ -93,6 +92,7 @@ def keep_mask_torch(seed: int, shape: tuple[int, int], p: float, device, dtype) 
         return u if dtype == torch.float32 else u.to(dtype)
     import numpy as np
 
+    t = keep_threshold(p)
     keep = torch.empty(shape, dtype=dtype if dtype in _NUMPY_DTYPES else torch.float32)
     out = keep.numpy().reshape(-1)
     n, hi, lo = out.size, np.uint8(t >> 24), np.uint64(t & 0xFFFFFF)
