@@ -39,7 +39,8 @@ def test_kernels_package_has_no_hf_imports():
 def _expected_wheel_modules() -> set[str]:
     """Every .py of the source tree, named as the wheel must hold it."""
     names = {p.relative_to(ROOT).as_posix() for p in (ROOT / "fastpeft").rglob("*.py")}
-    names |= {"fastpeft/kernels/" + p.relative_to(ROOT / "kernels").as_posix() for p in (ROOT / "kernels").rglob("*.py")}
+    kernels = ROOT / "kernels"
+    names |= {"fastpeft/kernels/" + p.relative_to(kernels).as_posix() for p in kernels.rglob("*.py")}
     return {n for n in names if "__pycache__" not in n}
 
 
