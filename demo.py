@@ -50,7 +50,9 @@ DEMO = harness.Scale(
         Workload("train-p0", "train", 4, 128),
         Workload("train-p0.1", "train", 4, 128, dropout=0.1),
     )},
-    steps={"decode": 16, "prefill": 1, "train": 3}, rounds={"decode": 2, "prefill": 1, "train": 1},
+    # 8 paired train steps: with 3, the median of per-step ratios and the ratio of the median times could disagree
+    # in direction on a noisy machine; the rows print the ratio's IQR so a difference inside the noise shows as such.
+    steps={"decode": 16, "prefill": 1, "train": 8}, rounds={"decode": 2, "prefill": 1, "train": 1},
     bench_rounds={"decode": 1, "prefill": 1, "train": 1},
 )
 
@@ -109,6 +111,14 @@ def run_adapter(bench: harness.Bench, adapter: Adapter) -> list[str]:
              f"{'identical' if same_tokens else 'DIFFERENT'} ({tokens[:8]}...).", "",
              "| | base model | PEFT | fastpeft | fastpeft vs PEFT |", "|---|---|---|---|---|"]
 
+    def paired(t: harness.Timing, p: str, q: str) -> str:
+        """Median of the paired per-step ratios t_p / t_q, with their IQR, from the same steps as the medians.
+        "within noise" where the IQR spans 1 or the ratio and the medians' quotient point different ways."""
+        lo, hi = t.spread(p, q)
+        r = t.ratio(p, q)
+        noise = "; within noise" if lo <= 1.0 <= hi or (r < 1) != (t.median(p) < t.median(q)) else ""
+        return f"{r:.2f}x (IQR {lo:.2f}-{hi:.2f}, {len(t.ratios(p, q))} paired steps{noise})"
+
     def row(name, values, versus):
         return f"| {name} | " + " | ".join(values) + f" | {versus} |"
 
@@ -116,19 +126,20 @@ def run_adapter(bench: harness.Bench, adapter: Adapter) -> list[str]:
                      [f"{dec[p]['ops']} / {dec[p]['generate_ops']}" for p in harness.PROVIDERS],
                      f"{dec['fastpeft']['ops'] - dec['peft']['ops']:+d} ops"))
     lines.append(row("decode time per token, B=1", [f"{dt.median(p) * 1e3:.2f} ms" for p in harness.PROVIDERS],
-                     f"{dt.ratio('fastpeft', 'peft'):.2f}x"))
+                     paired(dt, "fastpeft", "peft")))
     lines.append(row("decode time over the base model", ["1"] + [f"{dt.ratio(p, 'base'):.3f}x" for p in
                                                                 ("peft", "fastpeft")], ""))
     dropout = f", dropout {wt.dropout:g}" if wt.dropout else ""
     lines.append(row(f"train step time (B={wt.batch}, T={wt.seq}{dropout})",
-                     [f"{tt.median(p):.3f} s" for p in harness.PROVIDERS], f"{tt.ratio('fastpeft', 'peft'):.2f}x"))
+                     [f"{tt.median(p):.3f} s" for p in harness.PROVIDERS], paired(tt, "fastpeft", "peft")))
     lines.append(row("train step: saved for backward", [f"{tr[p]['saved_bytes'] / MiB:.1f} MiB" for p in
                                                         harness.PROVIDERS],
                      f"{(tr['fastpeft']['saved_bytes'] - tr['peft']['saved_bytes']) / MiB:+.1f} MiB"))
     lines.append(row("train step: ops", [str(tr[p]["ops"]) for p in harness.PROVIDERS],
                      f"{tr['fastpeft']['ops'] - tr['peft']['ops']:+d} ops"))
     lines += ["", "The base model column is the floor: no adapters (its train step is the frozen model's backward "
-              "to the input embeddings). Times are medians of paired per-step ratios, providers interleaved."]
+              "to the input embeddings). Providers run interleaved, one step each in turn; times are per-provider "
+              "medians, ratios the median of the per-step ratios of the same steps, with their interquartile range."]
     return lines
 
 
