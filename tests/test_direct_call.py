@@ -87,7 +87,7 @@ def _run_ia3(scale_input, grad):
     w, bias = torch.randn(40, 24, generator=g) / 5, torch.randn(40, generator=g)
     l = (1 + torch.rand(24 if scale_input else 40, generator=g)).requires_grad_()
     with torch.set_grad_enabled(grad):
-        y = ia3_linear(x, w, bias, l, scale_input, False, False, TORCH)
+        y = ia3_linear(x, w, bias, l, scale_input, False, TORCH)
     if not grad:
         return [y]
     return [y, *torch.autograd.grad(y, [x, l], torch.ones_like(y))]
@@ -150,5 +150,5 @@ def test_entry_points_inline_the_same_test(context, wrap_x, meta, direct):
     with torch.no_grad(), context():
         assert direct_call(x) == direct
         lora = _dispatched(lambda: lora_linear(x, w, bias, a, b, None, None, 0.5, 0.0, None, False, TORCH))
-        ia3 = _dispatched(lambda: ia3_linear(x, w, bias, l, False, False, False, TORCH))
+        ia3 = _dispatched(lambda: ia3_linear(x, w, bias, l, False, False, TORCH))
     assert (lora == []) == direct and (ia3 == []) == direct, (lora, ia3)

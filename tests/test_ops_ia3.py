@@ -43,14 +43,13 @@ def _run(fn, x, w, b, l, dy):
 
 @pytest.mark.parametrize("dts", DTYPES, ids=_ids)
 @pytest.mark.parametrize("m,k,n", SHAPES, ids=lambda v: str(v))
-@pytest.mark.parametrize("scale_input,save_base", [(False, False), (False, True), (True, False)],
-                         ids=["out-save_y", "out-save_base", "in"])  # what is saved only varies for output scaling
+@pytest.mark.parametrize("scale_input", [False, True], ids=["out", "in"])
 @pytest.mark.parametrize("weight_t", [False, True], ids=["linear", "conv1d"])
-def test_ia3_op_matches_reference(dts, m, k, n, scale_input, weight_t, save_base, poison_empty):
+def test_ia3_op_matches_reference(dts, m, k, n, scale_input, weight_t, poison_empty):
     dt, lt = dts
     x, w, b, l = _make(m, k, n, dt, lt, scale_input, weight_t, bias=True)
     dy = torch.randn(m, n, generator=torch.Generator().manual_seed(1)).to(dt)
-    fused = _run(lambda x, w, b, l: ia3_linear(x, w, b, l, scale_input, weight_t, save_base, TORCH), x, w, b, l, dy)
+    fused = _run(lambda x, w, b, l: ia3_linear(x, w, b, l, scale_input, weight_t, TORCH), x, w, b, l, dy)
     eager = _run(lambda x, w, b, l: ia3_linear_ref(x, w, b, l, scale_input, weight_t), x, w, b, l, dy)
     if dt == torch.float32:
         for name, a, e in zip(("y", "dx", "dl"), fused, eager):
@@ -66,14 +65,14 @@ def test_ia3_op_matches_reference(dts, m, k, n, scale_input, weight_t, save_base
 def test_ia3_op_3d_and_noncontiguous_input():
     x, w, b, l = _make(12, 40, 24, torch.float32, torch.float32, False, False, bias=False)
     x3 = x.view(3, 4, 40).transpose(0, 1)  # [4, 3, 40], not contiguous
-    y = ia3_linear(x3, w, b, l, False, False, False, TORCH)
+    y = ia3_linear(x3, w, b, l, False, False, TORCH)
     assert_close(y, ia3_linear_ref(x3, w, b, l, False))
 
 
 def test_ia3_op_is_one_op_without_grad():
     x, w, b, l = _make(4, 40, 24, torch.float32, torch.float32, True, False, bias=True)
     with torch.no_grad(), OpCounter() as c:
-        ia3_linear(x, w, b, l, True, False, False, TORCH)
+        ia3_linear(x, w, b, l, True, False, TORCH)
     assert c.names == ["fastpeft.ia3_linear"]
 
 
@@ -101,7 +100,7 @@ def test_ia3_triton_matches_reference(scale_input, weight_t, dts, device, poison
     dt, lt = dts
     x, w, b, l = (t.to(device) for t in _make(33, 40, 24, dt, lt, scale_input, weight_t, bias=True))
     dy = torch.randn(33, 24, generator=torch.Generator().manual_seed(1)).to(dt).to(device)
-    fused = _run(lambda x, w, b, l: ia3_linear(x, w, b, l, scale_input, weight_t, False, TRITON), x, w, b, l, dy)
+    fused = _run(lambda x, w, b, l: ia3_linear(x, w, b, l, scale_input, weight_t, TRITON), x, w, b, l, dy)
     eager = _run(lambda x, w, b, l: ia3_linear_ref(x, w, b, l, scale_input, weight_t), x, w, b, l, dy)
     f64 = [t.double() for t in (x, w, b, l)]
     oracle = _run(lambda x, w, b, l: ia3_linear_ref(x, w, b, l, scale_input, weight_t), *f64, dy.double())

@@ -8,13 +8,12 @@ Input scaling (feed-forward target modules):
 
     y  = (x * l) W^T + b                 dX = (dY W) * l          dl = sum_m x * (dY W)
 
-What is saved, and why:
-- output scaling saves y, the op's own output (autograd keeps a reference, no copy; downstream ops often hold it
-  already, e.g. attention's saved value for v_proj) and recovers the base output as y / l inside the reduction:
-  one division per column after the sum, exact up to one rounding. That needs l without zeros, which the patched
-  layer checks once per parameter version (one host sync per optimizer step, not per call); with a zero it asks
-  for ``save_base=True`` and the base output is saved instead, as PEFT does.
+What is saved, and why (PEFT's graph holds the same, never more):
+- output scaling saves the base output ``x W^T + b``, as PEFT's ``result * l`` does; never y, the op's own output,
+  which an in-place op downstream (``ReLU(inplace=True)``) may overwrite before backward.
 - input scaling saves x (PEFT saves it too, for the same reduction); dY W is formed once and serves both dX and dl.
+- the base weight only where it is read: dX, or input scaling's dl. A layer whose input needs no gradient (the
+  first one) saves none, like PEFT's.
 Dtypes: x and W fp32/fp16/bf16, l in its own dtype (PEFT keeps fp32 vectors on a bf16 model); the scaled input is
 rounded to x's dtype before the matmul (as PEFT's ``.to(previous_dtype)`` does), reductions run in fp32.
 """
@@ -34,7 +33,7 @@ _lib.define(
     "bool save_base, int backend) -> (Tensor, Tensor)"
 )
 _lib.define(
-    "ia3_linear_backward(Tensor dy, Tensor saved, Tensor weight, Tensor scale, bool scale_input, bool weight_t, "
+    "ia3_linear_backward(Tensor dy, Tensor saved, Tensor? weight, Tensor? scale, bool scale_input, bool weight_t, "
     "bool saved_is_base, bool need_dx, bool need_dl, int backend) -> (Tensor, Tensor)"
 )
 
@@ -89,16 +88,21 @@ def _ia3_linear_impl(x, weight, bias, scale, scale_input, weight_t, save_base, b
 
 
 def _ia3_bwd(dy, saved, weight, scale, scale_input, weight_t, saved_is_base, need_dx, need_dl, backend):
-    """The backward op's computation: (dx, dl), None where not requested."""
+    """The backward op's computation: (dx, dl), None where not requested. ``scale`` is None where dX is not
+    requested (dl reads x or the base output, never l): dl then comes back flat in fp32, and a stand-in l of that
+    shape is made for the launchers' checks, never read."""
     n = dy.shape[-1]
+    if scale is None:
+        k = saved.shape[-1] if scale_input else n
+        scale = torch.empty((k,), dtype=torch.float32, device=dy.device)
     dy2, l = dy.reshape(-1, n), scale.reshape(-1)
-    if _use_triton(dy, backend):
+    if weight is not None and _use_triton(dy, backend):  # no weight: dl of output scaling alone, a reduction
         from fastpeft.kernels.lora import ia3_bwd
 
         dx, dl = ia3_bwd(dy2, saved.reshape(dy2.shape[0], -1), weight, l, scale_input=scale_input, weight_t=weight_t,
                          saved_is_base=saved_is_base, need_dx=need_dx, need_dl=need_dl)
     else:
-        w = weight.t() if weight_t else weight  # [N, K]
+        w = None if weight is None else (weight.t() if weight_t else weight)  # [N, K]
         s2 = saved.reshape(dy2.shape[0], -1)
         dx = dl = None
         if scale_input:
@@ -141,9 +145,12 @@ def _ia3_linear_fake(x, weight, bias, scale, scale_input, weight_t, save_base, b
 @torch.library.register_fake("fastpeft::ia3_linear_backward", lib=_lib)
 def _ia3_linear_backward_fake(dy, saved, weight, scale, scale_input, weight_t, saved_is_base, need_dx, need_dl,
                               backend):
-    k = weight.shape[0] if weight_t else weight.shape[1]
-    dx = dy.new_empty((*dy.shape[:-1], k)) if need_dx else dy.new_empty((0,))
-    return dx, (scale.new_empty(scale.shape) if need_dl else dy.new_empty((0,)))
+    dx = dy.new_empty((*dy.shape[:-1], weight.shape[0 if weight_t else 1])) if need_dx else dy.new_empty((0,))
+    if not need_dl:
+        return dx, dy.new_empty((0,))
+    if scale is None:
+        return dx, dy.new_empty((saved.shape[-1] if scale_input else dy.shape[-1],), dtype=torch.float32)
+    return dx, scale.new_empty(scale.shape)
 
 
 # resolved overloads: the overload packet resolves on every call (see ops/linear.py)
@@ -153,35 +160,41 @@ _ia3_linear_backward_op = torch.ops.fastpeft.ia3_linear_backward.default
 
 class _IA3LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, scale, scale_input, weight_t, save_base, backend):
+    def forward(ctx, x, weight, bias, scale, scale_input, weight_t, backend):
+        nx, nl = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        save_base = nl and not scale_input
         fwd = _ia3_fwd if direct_call(x) else _ia3_linear_op
         y, base = fwd(x, weight, bias, scale, scale_input, weight_t, save_base, backend)
-        saved = x if scale_input else (base if save_base else y)
-        ctx.save_for_backward(saved, weight, scale)
-        ctx.args = (scale_input, weight_t, save_base, backend)
+        # Never y itself: an in-place op on the output (ReLU(inplace=True)) would invalidate it, where PEFT's graph
+        # holds the base output. The weight only where it is read: dX, or input scaling's dl = sum x * (dY W).
+        # l itself only for dX (dl reads x or the base output, never l; the backward gives dl in fp32 without it)
+        save_l = nx or scale.dtype != torch.float32
+        ctx.save_for_backward(x if scale_input else base, weight if nx or scale_input else None,
+                              scale if save_l else None)
+        ctx.args = (scale_input, weight_t, backend, scale.shape)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         saved, weight, scale = ctx.saved_tensors
-        scale_input, weight_t, save_base, backend = ctx.args
+        scale_input, weight_t, backend, l_shape = ctx.args
         nx, nw, nb, nl = ctx.needs_input_grad[:4]
         if nw or nb:
             raise NotImplementedError("fastpeft ia3_linear: gradients for the base weight/bias are not fused; "
                                       "this layer should have kept PEFT's forward (fastpeft.report names why)")
+        if saved is None:  # output scaling with a frozen vector: dX alone, which does not read it
+            saved = dy
         bwd = _ia3_bwd if direct_call(dy, saved) else _ia3_linear_backward_op
-        dx, dl = bwd(dy, saved, weight, scale, scale_input, weight_t, save_base, nx, nl, backend)
-        return dx if nx else None, None, None, dl if nl else None, None, None, None, None
+        dx, dl = bwd(dy, saved, weight, scale, scale_input, weight_t, True, nx, nl, backend)
+        return dx if nx else None, None, None, dl.view(l_shape) if nl else None, None, None, None
 
 
 def ia3_linear(x: Tensor, weight: Tensor, bias: Tensor | None, scale: Tensor, scale_input: bool,
-               weight_t: bool = False, save_base: bool = False, backend: int = AUTO) -> Tensor:
+               weight_t: bool = False, backend: int = AUTO) -> Tensor:
     """IA3-scaled linear as one op; differentiable in x and the IA3 vector (the base layer is frozen). Where
     ``direct_call`` allows, the op's implementation is called as a function (see ops/linear.py)."""
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad):
-        if x.dtype != torch.float32 and not _use_triton(x, backend):
-            save_base = True  # the torch path rounds the base before scaling: y / l would carry two roundings
-        return _IA3LinearFn.apply(x, weight, bias, scale, scale_input, weight_t, save_base, backend)
+        return _IA3LinearFn.apply(x, weight, bias, scale, scale_input, weight_t, backend)
     # direct_call(x), inline: one Python frame less per decode call
     if (not (_is_compiling() or _dispatch_modes() or _function_mode() or _functorch_level() is not None)
             and type(x) is Tensor and (x.is_cpu or x.is_cuda)):

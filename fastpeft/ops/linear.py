@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["AUTO", "TRITON", "TORCH", "BACKENDS", "lora_linear", "keep_mask_torch", "keep_threshold", "new_seed",
-           "interpreter_active", "direct_call"]
+__all__ = ["AUTO", "TRITON", "TORCH", "BACKENDS", "MIN_CAPABILITY", "lora_linear", "keep_mask_torch", "keep_threshold",
+           "new_seed", "interpreter_active", "direct_call", "tensor_cores"]
 
 AUTO, TRITON, TORCH = 0, 1, 2
 BACKENDS = {"auto": AUTO, "triton": TRITON, "torch": TORCH}
@@ -47,7 +47,7 @@ _lib.define(
     "-> (Tensor, Tensor)"
 )
 _lib.define(
-    "lora_linear_backward(Tensor dy, Tensor x, Tensor? weight, Tensor lora_a, Tensor lora_b, Tensor xa, "
+    "lora_linear_backward(Tensor dy, Tensor x, Tensor? weight, Tensor? lora_a, Tensor lora_b, Tensor xa, "
     "float scaling, float dropout_p, Tensor? seed, bool weight_t, bool need_dx, bool need_da, bool need_db, "
     "int backend) -> (Tensor, Tensor, Tensor)"
 )
@@ -137,11 +137,25 @@ def direct_call(x: Tensor, other: Tensor | None = None) -> bool:
     return other is None or type(other) in _PLAIN
 
 
+# CUDA device index -> whether the Triton kernels compile to tensor-core code there (compute capability 8.0 and up).
+# Below it (T4, V100) tl.dot lowers to FMA loops that spill 4-29 KB per thread: right results, very slow.
+_TENSOR_CORES: dict[int, bool] = {}
+MIN_CAPABILITY = (8, 0)
+
+
+def tensor_cores(index: int) -> bool:
+    """Whether ``backend="auto"`` runs the Triton kernels on CUDA device ``index`` (else the fused torch path)."""
+    ok = _TENSOR_CORES.get(index)
+    if ok is None:
+        ok = _TENSOR_CORES[index] = tuple(torch.cuda.get_device_capability(index)) >= MIN_CAPABILITY
+    return ok
+
+
 def _use_triton(x: Tensor, backend: int) -> bool:
     if backend == TORCH:
         return False
     if x.is_cuda:
-        return True
+        return backend == TRITON or tensor_cores(x.get_device())
     if backend == TRITON:
         if not interpreter_active():
             raise RuntimeError(
@@ -283,8 +297,12 @@ def _lora_linear_impl(x, weight, bias, lora_a, lora_b, lora_bias, residual, scal
 
 def _lora_bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, weight_t, need_dx, need_da, need_db,
               backend):
-    """The backward op's computation: (dx, da, db), None where not requested."""
+    """The backward op's computation: (dx, da, db), None where not requested. ``lora_a`` is None where dX is not
+    requested (A is read for dX alone, so autograd need not hold it): a stand-in of its shape and dtype (B's, which
+    the caller checked) is made for the launchers' checks, never read."""
     k, n = x.shape[-1], dy.shape[-1]
+    if lora_a is None:
+        lora_a = torch.empty((lora_b.shape[1], k), dtype=lora_b.dtype, device=x.device)
     x2, dy2 = x.reshape(-1, k), dy.reshape(-1, n)
     seed_i = 0 if seed is None else int(seed)
     if _use_triton(x, backend):
@@ -325,7 +343,7 @@ def _lora_linear_fake(x, weight, bias, lora_a, lora_b, lora_bias, residual, scal
 def _lora_linear_backward_fake(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, weight_t, need_dx,
                                need_da, need_db, backend):
     return (x.new_empty(x.shape) if need_dx else x.new_empty((0,)),
-            lora_a.new_empty(lora_a.shape) if need_da else x.new_empty((0,)),
+            lora_b.new_empty((lora_b.shape[1], x.shape[-1])) if need_da else x.new_empty((0,)),
             lora_b.new_empty(lora_b.shape) if need_db else x.new_empty((0,)))
 
 
@@ -347,14 +365,18 @@ class _LoraLinearFn(torch.autograd.Function):
         fwd = _lora_fwd if direct_call(x) else _lora_linear_op
         y, xa = fwd(x, weight, bias, lora_a, lora_b, lora_bias, residual, scaling, dropout_p, seed, weight_t, True,
                     backend)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, xa, seed)
-        ctx.args = (scaling, dropout_p, weight_t, backend)
+        # W and A are read for dX alone: where the input needs no gradient (the first adapted layer) PEFT's graph
+        # holds neither, and nothing here may hold more
+        nx = ctx.needs_input_grad[0]
+        save_a = nx or lora_a.dtype != lora_b.dtype  # the backward takes A's dtype from B's
+        ctx.save_for_backward(x, weight if nx else None, lora_a if save_a else None, lora_b, xa, seed)
+        ctx.args = (scaling, dropout_p, weight_t, backend, None if weight is None else weight.dtype)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, lora_a, lora_b, xa, seed = ctx.saved_tensors
-        scaling, dropout_p, weight_t, backend = ctx.args
+        scaling, dropout_p, weight_t, backend, w_dtype = ctx.args
         nx, nw, nb, na, nbb, nlb, nres = ctx.needs_input_grad[:7]
         bwd = _lora_bwd if direct_call(dy, x) else _lora_linear_backward_op
         dx, da, db = bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, weight_t, nx, na, nbb, backend)
@@ -362,9 +384,9 @@ class _LoraLinearFn(torch.autograd.Function):
         dw = dbias = dlb = None
         if nw:  # a trainable base weight is unusual for LoRA but must still be right
             x2 = x.reshape(-1, x.shape[-1])
-            dw = (x2.t() @ dy2 if weight_t else dy2.t() @ x2).to(weight.dtype)
+            dw = (x2.t() @ dy2 if weight_t else dy2.t() @ x2).to(w_dtype)
         if nb:
-            dbias = dy2.sum(0).to(weight.dtype)
+            dbias = dy2.sum(0).to(w_dtype)
         if nlb:
             dlb = dy2.sum(0, dtype=torch.float32).mul_(scaling).to(lora_b.dtype)
         return (dx if nx else None, dw, dbias, da if na else None, db if nbb else None, dlb, dy if nres else None,
