@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["base_weight", "check_base_layer", "peft_forward", "autocast_dtype", "any_autocast"]
+__all__ = ["base_weight", "check_base_layer", "check_sub_layers", "observed", "calls_watched", "peft_forward",
+           "autocast_dtype", "any_autocast"]
 
 
 def base_weight(base: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, bool] | None:
@@ -27,9 +28,41 @@ def check_base_layer(module: nn.Module) -> str | None:
         return f"base layer {type(base).__name__} is not nn.Linear or transformers Conv1D (quantized or wrapped)"
     if base.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"base weight dtype {base.weight.dtype} is not fp32/fp16/bf16"
-    if base._forward_hooks or base._forward_pre_hooks:
-        return "base layer has forward hooks (offloading or quantization wrappers) that a fused call would bypass"
+    return check_sub_layers(base)
+
+
+def check_sub_layers(*subs: nn.Module) -> str | None:
+    """Why calls into these sub-layers must stay real calls (None if a fused op may stand in for them)."""
+    for sub in subs:
+        if "_hf_hook" in sub.__dict__:
+            return (f"{type(sub).__name__} sub-layer is wrapped by an accelerate hook ({type(sub._hf_hook).__name__}: "
+                    "offload or device placement) that loads its weights when called")
+        if observed(sub):
+            return f"{type(sub).__name__} sub-layer has hooks or a replaced forward that a fused call would bypass"
     return None
+
+
+def observed(sub: nn.Module) -> bool:
+    """Whether calling ``sub`` does more than ``type(sub).forward``: hooks, or a forward replaced on the instance
+    (accelerate's offload and device hooks, wrappers). The same test as ``nn.Module._call_impl``'s fast path."""
+    d = sub.__dict__
+    return bool(d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]
+                or "forward" in d)
+
+
+_mm = torch.nn.modules.module
+_global_hooks = (_mm._global_forward_hooks, _mm._global_forward_pre_hooks, _mm._global_backward_hooks,
+                 _mm._global_backward_pre_hooks)  # mutated in place by torch, never rebound
+_functorch_level = torch._C._functorch.maybe_current_level
+_forward_ad = torch.autograd.forward_ad
+
+
+def calls_watched() -> bool:
+    """Whether anything global would see or transform PEFT's sub-layer calls, so the layer must make them: module
+    hooks registered for every module, a torch.func transform (grad, vmap, jvp: the fused ops have no batching or
+    forward-AD rules), or forward-mode AD."""
+    g0, g1, g2, g3 = _global_hooks
+    return bool(g0 or g1 or g2 or g3) or _functorch_level() is not None or _forward_ad._current_level >= 0
 
 
 def peft_forward(module: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import any_autocast, autocast_dtype, check_base_layer, peft_forward
+from .common import any_autocast, autocast_dtype, calls_watched, check_base_layer, observed, peft_forward
 from .ops.ia3 import ia3_linear
 
 __all__ = ["check_ia3_linear", "fused_ia3_linear_forward"]
@@ -24,22 +24,14 @@ def check_ia3_linear(module: nn.Module) -> str | None:
     return reason
 
 
-def _has_zero(self, vectors: list[torch.Tensor]) -> bool:
-    """Whether the combined vector has a zero entry, cached per parameter version: one host sync per optimizer
-    step rather than per call. A zero makes y / l unusable for recovering the base output (see ops/ia3.py)."""
-    key = tuple((id(v), v._version) for v in vectors)
-    cached = self.__dict__.get("_fastpeft_zero")
-    if cached is None or cached[0] != key:
-        cached = (key, any(bool((v == 0).any()) for v in vectors))
-        self.__dict__["_fastpeft_zero"] = cached
-    return cached[1]
-
-
 def fused_ia3_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     d = self.__dict__  # PEFT's live state without nn.Module.__getattr__ (see fastpeft/lora.py)
-    if args or kwargs or d["_disable_adapters"] or d["merged_adapters"]:
+    if args or kwargs or d["_disable_adapters"] or d["merged_adapters"] or calls_watched():
         return peft_forward(self, x, *args, **kwargs)
     mods = d["_modules"]
+    base_mod = mods["base_layer"]
+    if type(base_mod) is not d["_fastpeft_base_type"] or observed(base_mod):
+        return peft_forward(self, x)  # hooks on the base layer (or a base layer swapped) since patching
     params = mods["ia3_l"]._parameters
     active = d["_active_adapter"]
     if isinstance(active, str):  # the common case: one adapter, its vector passed as it is
@@ -54,20 +46,17 @@ def fused_ia3_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Te
         scale = vectors[0]
         for v in vectors[1:]:
             scale = scale.flatten() * v.flatten()
-    base = mods["base_layer"]._parameters
+    base = base_mod._parameters
     weight, bias = base["weight"], base["bias"]
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         return peft_forward(self, x)  # e.g. bias="all" made the base bias trainable
     scale_input = d["is_feedforward"]
-    save_base = False
-    if not scale_input and scale.requires_grad and torch.is_grad_enabled():
-        save_base = torch.compiler.is_compiling() or _has_zero(self, vectors)
     if any_autocast():
         dt = autocast_dtype(x)
         if dt is not None:
             with torch.autocast(x.device.type, enabled=False):
                 return ia3_linear(x.to(dt), weight.to(dt), None if bias is None else bias.to(dt), scale, scale_input,
-                                  d["_fastpeft_weight_t"], save_base, d["_fastpeft_backend"])
+                                  d["_fastpeft_weight_t"], d["_fastpeft_backend"])
     if x.dtype != weight.dtype:
         return peft_forward(self, x)
-    return ia3_linear(x, weight, bias, scale, scale_input, d["_fastpeft_weight_t"], save_base, d["_fastpeft_backend"])
+    return ia3_linear(x, weight, bias, scale, scale_input, d["_fastpeft_weight_t"], d["_fastpeft_backend"])

@@ -15,7 +15,7 @@ from typing import Callable
 from torch import nn
 
 from .common import base_weight
-from .ops.linear import BACKENDS, TRITON, interpreter_active
+from .ops.linear import AUTO, BACKENDS, TRITON, interpreter_active
 
 __all__ = ["PatchReport", "patch", "unpatch", "report"]
 
@@ -31,17 +31,20 @@ class PatchReport:
     backend: str
     fused: dict[str, str] = field(default_factory=dict)  # module name -> PEFT layer type
     fallback: dict[str, str] = field(default_factory=dict)  # module name -> reason it keeps PEFT's forward
+    notes: list[str] = field(default_factory=list)  # what applies to the whole model (nothing to fuse, backends)
 
     def __str__(self) -> str:
         lines = [f"fastpeft patch report (backend={self.backend}): {len(self.fused)} fused, "
                  f"{len(self.fallback)} on PEFT's forward"]
+        lines += [f"  note: {note}" for note in self.notes]
         by_kind: dict[str, int] = {}
         for kind in self.fused.values():
             by_kind[kind] = by_kind.get(kind, 0) + 1
         lines += [f"  fused {kind}: {n}" for kind, n in sorted(by_kind.items())]
         lines += [f"  PEFT forward: {name}: {why}" for name, why in self.fallback.items()]
         lines.append("  at call time, PEFT's forward also runs for: adapter_names= mixed batches, extra forward "
-                     "arguments, merged or disabled adapters")
+                     "arguments, merged or disabled adapters, hooks on a layer's sub-layers (accelerate's included) "
+                     "or global module hooks, torch.func transforms and forward-mode AD")
         return "\n".join(lines)
 
 
@@ -70,9 +73,10 @@ def _fused_class(cls: type, forward: Callable) -> type:
     """The fused subclass of a PEFT layer class. It is named in this module (see ``__getattr__`` below), so a
     patched model pickles (``torch.save(model)``) and unpickles in a fresh process."""
     if cls not in _FUSED_CLASSES:
-        name = _fused_name(cls)
-        _FUSED_CLASSES[cls] = type(name, (cls,), {"forward": forward, "_fastpeft_orig_class": cls,
-                                                  "__module__": __name__, "__qualname__": name})
+        # __name__ is PEFT's, so the model prints, reports (get_layer_status) and is matched by name exactly as
+        # PEFT's; pickle finds the class by module and __qualname__.
+        _FUSED_CLASSES[cls] = type(cls.__name__, (cls,), {"forward": forward, "_fastpeft_orig_class": cls,
+                                                          "__module__": __name__, "__qualname__": _fused_name(cls)})
     return _FUSED_CLASSES[cls]
 
 
@@ -109,6 +113,9 @@ def patch(model: nn.Module, backend: str = "auto") -> nn.Module:
     CPU tensors only under TRITON_INTERPRET=1), "torch" (the fused torch path everywhere). Idempotent: patching
     again only updates the backend. The report is returned by ``fastpeft.report(model)``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastpeft.patch: expected a torch.nn.Module (a PeftModel from get_peft_model or "
+                        f"PeftModel.from_pretrained), got {type(model).__name__}")
     code = _check_backend(model, backend)
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -131,13 +138,46 @@ def patch(model: nn.Module, backend: str = "auto") -> nn.Module:
         module.__class__ = _fused_class(orig, handler.forward)
         module._fastpeft_backend = code
         module._fastpeft_weight_t = base_weight(module.get_base_layer())[2]
+        module._fastpeft_base_type = type(module.get_base_layer())
         rep.fused[name] = f"{orig.__module__.rsplit('.', 2)[-2]}.{orig.__name__}"
     model._fastpeft_report = rep
-    if rep.fallback:
+    rep.notes += _notes(model, rep, code)
+    if not rep.fused and not rep.fallback:
+        warnings.warn(f"fastpeft: nothing fused: {rep.notes[0]}", stacklevel=2)
+    elif rep.fallback:
         reasons = sorted(set(rep.fallback.values()))
         warnings.warn(f"fastpeft: {len(rep.fallback)} adapter layer(s) keep PEFT's forward: " + "; ".join(reasons)
                       + " (see fastpeft.report(model))", stacklevel=2)
     return model
+
+
+def _cuda_devices(model: nn.Module) -> set[int]:
+    return {p.get_device() for p in model.parameters() if p.is_cuda}
+
+
+def _notes(model: nn.Module, rep: PatchReport, code: int) -> list[str]:
+    """What the report says of the whole model: why nothing was fused, which GPUs run the torch path."""
+    notes = []
+    if not rep.fused and not rep.fallback:
+        config = getattr(model, "active_peft_config", None)
+        if config is not None and config.is_prompt_learning:
+            notes.append(f"PEFT method {config.peft_type.value} is prompt learning (prefix tuning, prompt tuning and "
+                         "P-tuning are not fused yet): the model runs PEFT's forward")
+        else:
+            notes.append(f"no PEFT adapter layers found in {type(model).__name__}: expected a PeftModel (get_peft_model "
+                         "or PeftModel.from_pretrained) or a model with LoRA / IA3 layers injected")
+    if code == AUTO and rep.fused:
+        from .ops.linear import MIN_CAPABILITY, tensor_cores
+
+        import torch
+
+        for index in sorted(_cuda_devices(model)):
+            if not tensor_cores(index):
+                cc = ".".join(map(str, torch.cuda.get_device_capability(index)))
+                notes.append(f"CUDA device {index} has compute capability {cc} < {MIN_CAPABILITY[0]}.0: the fused "
+                             "torch path runs there instead of Triton, whose dots would lower to FMA loops without "
+                             "tensor cores")
+    return notes
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -148,6 +188,7 @@ def unpatch(model: nn.Module) -> nn.Module:
             module.__class__ = orig
             module.__dict__.pop("_fastpeft_backend", None)
             module.__dict__.pop("_fastpeft_weight_t", None)
+            module.__dict__.pop("_fastpeft_base_type", None)
     model.__dict__.pop("_fastpeft_report", None)
     return model
 

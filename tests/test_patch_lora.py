@@ -418,7 +418,7 @@ def test_patched_model_pickles_and_loads_in_a_fresh_process(tmp_path):
         import torch
         d = torch.load({str(tmp_path / "m.pt")!r}, weights_only=False)
         m = d["model"]
-        kinds = {{type(mod).__name__ for mod in m.modules()}}
+        kinds = {{type(mod).__qualname__ for mod in m.modules()}}
         assert any(k.startswith("Fused_") for k in kinds), kinds
         with torch.no_grad():
             assert torch.equal(m(**d["inputs"]).logits, d["ref"])
