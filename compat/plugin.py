@@ -27,6 +27,7 @@ import functools
 import json
 import os
 import re
+import sys
 import warnings
 import weakref
 
@@ -122,7 +123,7 @@ _SMALL = {  # applied where the config has the attribute
     "decoder_ffn_dim": 64, "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2, "num_decoder_layers": 2,
     "encoder_layers": 2, "decoder_layers": 2, "num_attention_heads": 4, "n_head": 4, "num_heads": 4,
     "encoder_attention_heads": 4, "decoder_attention_heads": 4, "num_key_value_heads": 2, "d_kv": 8,
-    "head_dim": 8, "vocab_size": 1024,
+    "head_dim": 8, "rotary_dim": 4, "vocab_size": 1024,
 }
 
 
@@ -131,8 +132,12 @@ def _arch_for(model_id) -> str | None:
         return None
     if model_id in _NAMED:
         return _NAMED[model_id]
-    m = re.search(r"tiny-random-([A-Za-z0-9]+)$", model_id)
-    return m.group(1) if m else None
+    # tiny-random-OPTForCausalLM, tiny-random-gpt2, tiny-dummy-qwen2, tiny-LlamaForSequenceClassification-3.2
+    m = re.search(r"/tiny-(?:random-|dummy-)?([A-Za-z][A-Za-z0-9]*)", model_id)
+    if not m:
+        return None
+    arch = m.group(1)
+    return {"qwen2": "Qwen2ForCausalLM"}.get(arch, arch)
 
 
 def _small_config(arch: str, kwargs: dict):
@@ -271,6 +276,7 @@ def pytest_sessionfinish(session, exitstatus):
     per = STATS.per_test
     out = {
         "mode": MODE,
+        "fastpeft_file": getattr(sys.modules.get("fastpeft"), "__file__", None),
         "tests": len(per),
         "tests_with_fused": sum(1 for r in per.values() if r["fused"]),
         "patch_calls": STATS.patch_calls,

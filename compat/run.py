@@ -49,9 +49,34 @@ def ensure_sdist() -> Path:
     return root
 
 
-def run_mode(mode: str, root: Path, out: Path, args, threads: int) -> subprocess.Popen:
+def git(*a: str) -> str:
+    return subprocess.run(["git", *a], cwd=HERE.parent, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def fastpeft_at(rev: str | None) -> tuple[Path | None, str]:
+    """(dir to put first on sys.path, description) of the fastpeft under test: the working tree (the editable
+    install), or a commit exported once into the cache (kernels/ placed as fastpeft/kernels, as setup.py does)."""
+    head = git("rev-parse", "--short=12", "HEAD")
+    if rev is None:
+        dirty = git("status", "--porcelain", "--", "fastpeft", "kernels").splitlines()
+        return None, f"working tree at HEAD {head}" + (f" with {len(dirty)} uncommitted file(s) in fastpeft/, "
+                                                       f"kernels/" if dirty else ", clean")
+    sha = git("rev-parse", "--short=12", rev)
+    d = CACHE / f"fastpeft-{sha}"
+    if not (d / "fastpeft").is_dir():
+        d.mkdir(parents=True, exist_ok=True)
+        tar = subprocess.run(["git", "archive", sha, "fastpeft", "kernels"], cwd=HERE.parent, capture_output=True,
+                             check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(d)], input=tar, check=True)
+        if (d / "kernels").is_dir() and not (d / "fastpeft" / "kernels").exists():
+            (d / "kernels").rename(d / "fastpeft" / "kernels")
+    return d, f"commit {sha} ({git('log', '-1', '--format=%s', sha)[:80]})"
+
+
+def run_mode(mode: str, root: Path, out: Path, args, threads: int, fp_dir: Path | None) -> subprocess.Popen:
+    path = [str(CACHE / "pypath"), str(fp_dir) if fp_dir else None, os.environ.get("PYTHONPATH")]
     env = dict(os.environ, FASTPEFT_COMPAT=mode, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(CACHE / "pypath"), os.environ.get("PYTHONPATH")])))
+               PYTHONPATH=os.pathsep.join(filter(None, path)))
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     cmd = [sys.executable, "-m", "pytest", "-p", "compat.plugin", "-o", "addopts=", "-p", "no:cacheprovider",
@@ -118,23 +143,26 @@ def main(argv=None) -> int:
     p.add_argument("--serial", action="store_true", help="run the modes one after the other (default: concurrently)")
     p.add_argument("--out", default=str(CACHE / "results"), help="junit xml, logs, stats JSON (default %(default)s)")
     p.add_argument("--summary", default=None, help="markdown summary path (default OUT/summary.md)")
+    p.add_argument("--fastpeft-rev", default=None,
+                   help="test fastpeft at this git commit (exported to the cache) instead of the working tree")
     p.add_argument("pytest_args", nargs="*", help="extra pytest args, after --")
     args = p.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     root = ensure_sdist()
+    fp_dir, fp_desc = fastpeft_at(args.fastpeft_rev)
 
     walls: dict[str, float] = {}
     threads = 0 if args.serial else max(1, (os.cpu_count() or 2) // len(modes))
     if args.serial:
         for m in modes:
             t0 = time.perf_counter()
-            run_mode(m, root, out, args, threads).wait()
+            run_mode(m, root, out, args, threads, fp_dir).wait()
             walls[m] = time.perf_counter() - t0
     else:
         t0 = time.perf_counter()
-        procs = {m: run_mode(m, root, out, args, threads) for m in modes}
+        procs = {m: run_mode(m, root, out, args, threads, fp_dir) for m in modes}
         pending = dict(procs)
         while pending:
             for m, pr in list(pending.items()):
@@ -149,7 +177,8 @@ def main(argv=None) -> int:
         f = out / f"{m}.json"
         stats[m] = json.loads(f.read_text()) if f.exists() else {}
     lines = [f"# PEFT test suite, plain vs fastpeft-patched", "",
-             f"files: {' '.join(args.files)}; methods: {args.methods}; -k: {args.k!r}; extra: {args.pytest_args}", ""]
+             f"files: {' '.join(args.files)}; methods: {args.methods}; -k: {args.k!r}; extra: {args.pytest_args}",
+             f"fastpeft: {fp_desc}; patched as fastpeft.patch(model, backend='torch')", ""]
     for m in modes:
         c = counts(res[m])
         lines.append(f"- {m}: {c['passed']} passed, {c['failed']} failed, {c['skipped']} skipped, "
@@ -160,6 +189,8 @@ def main(argv=None) -> int:
         lines.append(f"- patched: {st['fused_total']} fused layers over {st['patch_calls']} patch calls "
                      f"({st['fused_distinct']} distinct modules); {st['tests_with_fused']} of {st['tests']} tests "
                      f"ran with at least one fused layer; {st['escaped_total']} LoRA/IA3 layers escaped patching")
+    if st.get("fastpeft_file"):
+        lines.append(f"- fastpeft imported from {st['fastpeft_file']}")
     if st.get("substituted_hub_models"):
         lines.append(f"- hub models substituted by random small ones: {st['substituted_hub_models']}")
     defects = []
