@@ -306,6 +306,23 @@ def test_inplace_op_after_layer_trains_as_peft(method):
     assert_same_grads(out[1], out[0])
 
 
+def test_inplace_on_the_input_after_a_dropout_layer_is_loud():
+    """The one in-place pattern that differs, loudly: with dropout, fastpeft saves x (the mask is regenerated,
+    never stored) where PEFT saves its dropped copy, so writing into x after the layer makes autograd raise
+    instead of training. At dropout 0 PEFT saves x too and raises the same way."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(8, 8)), LoraConfig(r=2, target_modules=["0"], lora_dropout=0.5))
+    fm = patched(copy.deepcopy(model)).train()
+    x = torch.randn(4, 8, requires_grad=True)
+    h = x * 1.0
+    y = fm(h)
+    h.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 6. names
 
