@@ -168,6 +168,11 @@ def _build(model_id: str, arch: str, cls, kwargs: dict):
 
     arch_cls, config = _small_config(arch, kwargs)
     STATS.substituted[model_id] = STATS.substituted.get(model_id, 0) + 1
+    with torch.device("meta"):  # size check first: a multimodal config (sub-configs at full size) would OOM
+        probe = cls.from_config(config) if issubclass(cls, _BaseAutoModelClass) else cls(config)
+    n = sum(p.numel() for p in probe.parameters())
+    if n > 5_000_000:
+        raise RuntimeError(f"compat.plugin: no small substitute for {model_id!r} ({n / 1e6:.0f}M parameters)")
     seed = sum(map(ord, model_id)) % (2**31)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
