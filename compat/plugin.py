@@ -155,6 +155,8 @@ def _small_config(arch: str, kwargs: dict):
     for k in ("bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id"):
         if isinstance(keys.get(k), int) and keys[k] >= 1024:
             cfg_kwargs[k] = 2
+    if keys.get("is_encoder_decoder") and keys.get("decoder_start_token_id") is None:
+        cfg_kwargs["decoder_start_token_id"] = keys.get("pad_token_id") or 0  # T5's hub configs set it
     for k in ("num_labels", "problem_type"):
         if k in kwargs:
             cfg_kwargs[k] = kwargs[k]

@@ -83,8 +83,9 @@ def run_mode(mode: str, root: Path, out: Path, args, threads: int, fp_dir: Path 
            "-o", "junit_family=xunit1", "-q", "-p", "no:randomly", f"--junitxml={out / f'{mode}.xml'}",
            f"--compat-stats={out / f'{mode}.json'}", *args.files,
            # PEFT's pyproject makes transformers' FutureWarnings errors; transformers 5.23 deprecates an attribute
-           # that peft 0.21.2 reads in every PeftModel(...) of a transformers model: ignored, in both modes
-           "-W", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"]
+           # (and a method) that peft 0.21.2 uses on transformers models: ignored, in both modes
+           "-W", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning",
+           "-W", "ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning"]
     if args.methods != "all":
         cmd.append(f"--compat-methods={args.methods}")
     if args.k:
