@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import any_autocast, autocast_dtype, calls_watched, check_base_layer, check_sub_layers, observed, peft_forward
+from .common import (any_autocast, autocast_dtype, calls_watched, check_base_layer, check_sub_layers, observed,
+                     peft_forward)
 from .ops.linear import lora_linear, new_seed
 
 __all__ = ["check_lora_linear", "fused_lora_linear_forward"]

@@ -12,10 +12,11 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from torch import nn
 
 from .common import base_weight
-from .ops.linear import AUTO, BACKENDS, TRITON, interpreter_active
+from .ops.linear import AUTO, BACKENDS, MIN_CAPABILITY, TRITON, interpreter_active, tensor_cores
 
 __all__ = ["PatchReport", "patch", "unpatch", "report"]
 
@@ -164,13 +165,9 @@ def _notes(model: nn.Module, rep: PatchReport, code: int) -> list[str]:
             notes.append(f"PEFT method {config.peft_type.value} is prompt learning (prefix tuning, prompt tuning and "
                          "P-tuning are not fused yet): the model runs PEFT's forward")
         else:
-            notes.append(f"no PEFT adapter layers found in {type(model).__name__}: expected a PeftModel (get_peft_model "
-                         "or PeftModel.from_pretrained) or a model with LoRA / IA3 layers injected")
+            notes.append(f"no PEFT adapter layers found in {type(model).__name__}: expected a PeftModel "
+                         "(get_peft_model or PeftModel.from_pretrained) or a model with LoRA / IA3 layers injected")
     if code == AUTO and rep.fused:
-        from .ops.linear import MIN_CAPABILITY, tensor_cores
-
-        import torch
-
         for index in sorted(_cuda_devices(model)):
             if not tensor_cores(index):
                 cc = ".".join(map(str, torch.cuda.get_device_capability(index)))

@@ -2,7 +2,7 @@
 
 Output scaling (ordinary target modules; the bias is scaled too, as PEFT does):
 
-    y  = (x W^T + b) * l                 dX = (dY * l) W          dl = sum_m (x W^T + b) * dY = sum_m (y * dY) / l
+    y  = (x W^T + b) * l                 dX = (dY * l) W          dl = sum_m (x W^T + b) * dY
 
 Input scaling (feed-forward target modules):
 
