@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["lora_linear_ref", "base_linear_ref", "ia3_linear_ref"]
+__all__ = ["lora_linear_ref", "base_linear_ref", "ia3_linear_ref", "prefix_attention_ref"]
 
 
 def base_linear_ref(x: Tensor, weight: Tensor | None, bias: Tensor | None, weight_t: bool = False) -> Tensor:
@@ -68,3 +68,65 @@ def ia3_linear_ref(x: Tensor, weight: Tensor, bias: Tensor | None, scale: Tensor
         return base_linear_ref((x.to(l.dtype) * l).to(x.dtype), weight, bias, weight_t)
     result = base_linear_ref(x, weight, bias, weight_t)
     return (result * l).to(result.dtype)
+
+
+def prefix_attention_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    mask: Tensor | None = None,
+    scaling: float = 1.0,
+    causal: bool = False,
+    softcap: float = 0.0,
+    window: int = 0,
+    bias: Tensor | None = None,
+    prefix_bias: Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """Attention over ``[prefix | sequence]`` computed as PEFT does: the prefix concatenated in front of the keys
+    and values of every row, one softmax over all columns (``<family>.eager_attention_forward`` behind PEFT's
+    ``DynamicCache`` of prefix entries and its ``cat(ones(B, P), mask)``).
+
+    Shapes: q [B, H, Sq, D]; k, v [B, Hkv, Skv, D] (the cache after update; H = G Hkv, query head h reads kv head
+    h // G); prefix_k, prefix_v [Hkv, P, D], shared by every row. Returns the output [B, Sq, H, D] (the layout
+    attention functions return) and the log-sum-exp of the scores [B, H, Sq] in fp32.
+
+    Scores, in order: ``s = q k^T * scaling``; Gemma2's ``softcap * tanh(s / softcap)`` (both blocks);
+    T5's additive position bias (``bias`` [1|B, H, Sq, Skv] on the sequence columns, ``prefix_bias``
+    [1|B, H, Sq, P] on the prefix columns); the real-token ``mask`` on the sequence columns only ([1|B, 1|H, Sq,
+    Skv], bool True = attend, or additive float). ``mask=None`` with ``causal`` and Sq > 1 is the upper-left
+    causal mask (key j visible to query i iff j <= i), as sdpa applies it. Prefix columns are visible to every
+    query except under a sliding ``window``: PEFT's cache puts prefix key j at position j and query i at
+    ``P + (Skv - Sq) + i``, so the window hides j once ``j <= P + Skv - Sq + i - window``.
+    Softmax in fp32, probabilities cast to q's dtype before the value product, as in eager attention.
+    """
+    b, h, sq, d = q.shape
+    hkv, p = prefix_k.shape[0], prefix_k.shape[1]
+    skv, g = k.shape[2], h // hkv
+    kf = torch.cat([prefix_k.unsqueeze(0).expand(b, -1, -1, -1), k], dim=2).repeat_interleave(g, dim=1)
+    vf = torch.cat([prefix_v.unsqueeze(0).expand(b, -1, -1, -1), v], dim=2).repeat_interleave(g, dim=1)
+    s = (q @ kf.transpose(-1, -2)) * scaling
+    if softcap:
+        s = torch.tanh(s / softcap) * softcap
+    if bias is not None or prefix_bias is not None:
+        zeros = s.new_zeros(1, h, sq, p + skv)
+        s = s + torch.cat([zeros[..., :p] if prefix_bias is None else prefix_bias.to(s.dtype) + zeros[..., :p],
+                           zeros[..., p:] if bias is None else bias.to(s.dtype) + zeros[..., p:]], dim=-1)
+    s = s.float()
+    i = torch.arange(sq, device=q.device)[:, None]
+    if window:
+        hidden = torch.arange(p, device=q.device)[None, :] <= p + skv - sq + i - window
+        s[..., :p] = s[..., :p].masked_fill(hidden, float("-inf"))
+    real = s[..., p:]
+    if mask is not None:
+        real = real.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else real + mask.float()
+    elif causal and sq > 1:
+        real = real.masked_fill(torch.arange(skv, device=q.device)[None, :] > i, float("-inf"))
+    s = torch.cat([s[..., :p], real], dim=-1)
+    lse = torch.logsumexp(s, dim=-1)
+    probs = torch.softmax(s, dim=-1).nan_to_num(0.0).to(q.dtype)  # a row with every column hidden gives zeros
+    if dropout_p:
+        probs = torch.nn.functional.dropout(probs, p=dropout_p)
+    return (probs @ vf).transpose(1, 2).contiguous(), lse
