@@ -1,3 +1,3 @@
-"""Torch custom ops fronting the fused kernels: one family, the adapted linear (LoRA, IA3)."""
+"""Torch custom ops fronting the fused kernels: two families: the adapted linear (LoRA, IA3) and prefix attention."""
 
-from . import ia3, linear  # noqa: F401  (registers the fastpeft:: ops)
+from . import ia3, linear, prefix  # noqa: F401  (registers the fastpeft:: ops)
