@@ -141,6 +141,7 @@ def patch(model: nn.Module, backend: str = "auto") -> nn.Module:
         module._fastpeft_weight_t = base_weight(module.get_base_layer())[2]
         module._fastpeft_base_type = type(module.get_base_layer())
         rep.fused[name] = f"{orig.__module__.rsplit('.', 2)[-2]}.{orig.__name__}"
+    _patch_prompt_learning(model, rep, code)
     model._fastpeft_report = rep
     rep.notes += _notes(model, rep, code)
     if not rep.fused and not rep.fallback:
@@ -150,6 +151,21 @@ def patch(model: nn.Module, backend: str = "auto") -> nn.Module:
         warnings.warn(f"fastpeft: {len(rep.fallback)} adapter layer(s) keep PEFT's forward: " + "; ".join(reasons)
                       + " (see fastpeft.report(model))", stacklevel=2)
     return model
+
+
+def _patch_prompt_learning(model: nn.Module, rep: PatchReport, code: int) -> None:
+    config = getattr(model, "active_peft_config", None)
+    if config is None or config.peft_type.value != "PREFIX_TUNING":
+        return
+    from .prefix import patch_prefix
+
+    name = f"prompt_encoder.{model.active_adapter}"
+    ok, what = patch_prefix(model, code)
+    if ok:
+        rep.fused[name] = "prefix_tuning.PrefixEncoder"
+        rep.notes.append(what)
+    else:
+        rep.fallback[name] = what
 
 
 def _cuda_devices(model: nn.Module) -> set[int]:
@@ -162,8 +178,8 @@ def _notes(model: nn.Module, rep: PatchReport, code: int) -> list[str]:
     if not rep.fused and not rep.fallback:
         config = getattr(model, "active_peft_config", None)
         if config is not None and config.is_prompt_learning:
-            notes.append(f"PEFT method {config.peft_type.value} is prompt learning (prefix tuning, prompt tuning and "
-                         "P-tuning are not fused yet): the model runs PEFT's forward")
+            notes.append(f"PEFT method {config.peft_type.value} is prompt learning (prompt tuning and P-tuning are "
+                         "not fused yet): the model runs PEFT's forward")
         else:
             notes.append(f"no PEFT adapter layers found in {type(model).__name__}: expected a PeftModel "
                          "(get_peft_model or PeftModel.from_pretrained) or a model with LoRA / IA3 layers injected")
@@ -186,6 +202,9 @@ def unpatch(model: nn.Module) -> nn.Module:
             module.__dict__.pop("_fastpeft_backend", None)
             module.__dict__.pop("_fastpeft_weight_t", None)
             module.__dict__.pop("_fastpeft_base_type", None)
+    from .prefix import unpatch_prefix
+
+    unpatch_prefix(model)
     model.__dict__.pop("_fastpeft_report", None)
     return model
 
