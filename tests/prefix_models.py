@@ -74,6 +74,8 @@ def base_model(family: str, seed: int = 0, task: str | None = None, **kw):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         cfg = config(family, **kw)
+        if task == "QUESTION_ANS":
+            cfg.num_labels = 2  # start and end logits
         model = cls.from_config(cfg, attn_implementation=cfg._attn_implementation) if cls is not \
             tf.T5ForConditionalGeneration else cls(cfg)
     return model.eval()
