@@ -50,11 +50,13 @@ class PrefixKV:
     attention) are told apart inside the attention function; ``t5_bias`` is decoder layer 0's relative bias module.
     """
 
-    __slots__ = ("layers", "targets", "length", "backend", "t5_bias", "_bias_cache")
+    __slots__ = ("layers", "targets", "length", "backend", "t5_bias", "past", "_bias_cache")
 
     def __init__(self, layers, targets, length, backend, t5_bias=None):
         self.layers, self.targets, self.length, self.backend = layers, targets, length, backend
-        self.t5_bias, self._bias_cache = t5_bias, {}
+        # real tokens already in the cache, set per call: a static cache's keys span its whole length, so the
+        # query positions (sliding window, T5's bias) cannot be read off the key length there
+        self.t5_bias, self.past, self._bias_cache = t5_bias, None, {}
 
     def t5_prefix_bias(self, sq: int, past: int, device) -> torch.Tensor:
         """``[1, H, Sq, P]``: the bias PEFT's prefix columns get, relative position ``j - (P + past + i)``."""
@@ -88,6 +90,16 @@ def _original(orig: str, module: nn.Module):
     return ALL_ATTENTION_FUNCTIONS[orig]
 
 
+def _window(w: int | None, skv: int, sq: int, past: int) -> int:
+    """The op's window, which places query i at ``P + (skv - sq) + i``, for queries really at ``P + past + i``:
+    a static cache's keys span its whole length, a sliding cache's only the window. PEFT hides prefix key j once
+    ``j <= P + past + i - w``; ``w + (skv - sq) - past`` gives the op the same rule. Where that is below 1 the
+    rule hides every prefix key (past >= w - 1), and so does 1 (the op reads 0 as "no window")."""
+    if not w:
+        return 0
+    return max(w + skv - sq - past, 1)
+
+
 def _make_attention(orig: str):
     def attention(module, query, key, value, attention_mask, **kwargs):
         prefix = kwargs.pop(KWARG, None)
@@ -97,7 +109,8 @@ def _make_attention(orig: str):
         pk, pv = prefix.layers[layer]
         if pk.dtype != query.dtype:
             pk, pv = pk.to(query.dtype), pv.to(query.dtype)
-        skv = key.shape[-2]
+        skv, sq = key.shape[-2], query.shape[2]
+        past = skv - sq if prefix.past is None else prefix.past
         mask = attention_mask
         if mask is not None and mask.shape[-1] != skv:
             mask = mask[..., :skv]  # a static cache's mask covers its whole length, as eager and sdpa crop it
@@ -108,10 +121,10 @@ def _make_attention(orig: str):
         prefix_bias = None
         if bias is not None:
             bias = bias[..., -skv:] if bias.shape[-1] != skv else bias
-            prefix_bias = prefix.t5_prefix_bias(query.shape[2], skv - query.shape[2], query.device)
+            prefix_bias = prefix.t5_prefix_bias(sq, past, query.device)
         out, _ = prefix_attention(
             query, key, value, pk, pv, mask, query.shape[-1] ** -0.5 if scaling is None else scaling, bool(causal),
-            kwargs.get("softcap") or 0.0, kwargs.get("sliding_window") or 0, bias, prefix_bias,
+            kwargs.get("softcap") or 0.0, _window(kwargs.get("sliding_window"), skv, sq, past), bias, prefix_bias,
             dropout_p=kwargs.get("dropout", 0.0) if module.training else 0.0, backend=prefix.backend)
         return out, None
 
@@ -233,6 +246,7 @@ def _forward(self, *args, **kwargs):
         pos = _positions(state["positions"], prefix.length, a, self.get_base_model().config.pad_token_id)
         if pos is not None:
             a["position_ids"] = pos
+    prefix.past = _past_length(a)
     a[KWARG] = prefix
     return self.base_model(**a)
 
@@ -247,7 +261,8 @@ def _prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs):
         return state["peft"]["prepare_inputs_for_generation"](*args, task_ids=task_ids, **kwargs)
     if state["task"] == "causal":
         self._adjust_prompt_learning_kwargs(self.active_peft_config, kwargs=model_kwargs)
-    model_kwargs[KWARG] = _prefix(self, state)
+    prefix = model_kwargs[KWARG] = _prefix(self, state)
+    prefix.past = _past_length(model_kwargs)
     return model_kwargs
 
 

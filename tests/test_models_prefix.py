@@ -181,3 +181,29 @@ def test_report_and_bloom():
 
 def test_decoders_listed():
     assert set(DECODERS) - {"bloom"} <= set(fastpeft.prefix.FAMILIES)
+
+
+@pytest.mark.parametrize("family,kw", [("llama", {}), ("mistral", {"window": 4}), ("t5", {}), ("gpt2", {})],
+                         ids=["llama", "mistral-window", "t5", "gpt2"])
+def test_static_cache_generate(family, kw):
+    """A static cache holds real tokens only, so it works (PEFT's prefix generate raises on it: KeyError
+    'cache_position'); the result equals PEFT's dynamic-cache generate."""
+    ref, pat = _pair(family, **kw)
+    x = {k: v for k, v in inputs(family, labels=False).items() if k in ("input_ids", "attention_mask")}
+    out = pat.generate(**x, max_new_tokens=6, do_sample=False, cache_implementation="static")
+    assert torch.equal(out, ref.generate(**x, max_new_tokens=6, do_sample=False))
+
+
+def test_compiled_generate():
+    """A compiled forward (fullgraph: no graph break) over a static cache generates PEFT's tokens."""
+    ref, pat = _pair("llama")
+    x = {k: v for k, v in inputs("llama", labels=False).items() if k in ("input_ids", "attention_mask")}
+    base = pat.get_base_model()
+    torch._dynamo.reset()
+    base.forward = torch.compile(base.forward, fullgraph=True, dynamic=False)
+    try:
+        out = pat.generate(**x, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    finally:
+        del base.forward
+        torch._dynamo.reset()
+    assert torch.equal(out, ref.generate(**x, max_new_tokens=4, do_sample=False))
