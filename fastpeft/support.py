@@ -124,6 +124,7 @@ class Row:
     build: Callable[[], tuple[nn.Module, torch.Tensor]]  # base model and its input
     config: Callable[..., Any]  # PEFT config, keyword overrides
     tuner: bool = True  # adapter layers that fastpeft could patch (False: prompt learning)
+    patched: bool = True  # whether fastpeft.patch changes anything (prompt tuning: not yet)
 
 
 ROWS = [
@@ -135,8 +136,8 @@ ROWS = [
     Row("IA3", "`nn.Linear`, feed-forward input scaling", _ffn, _ia3("down", True)),
     Row("IA3", "GPT-2 `Conv1D`, output scaling", _conv1d, _ia3("layer", False)),
     Row("IA3", "`nn.Conv2d`, output scaling", _conv2d, _ia3("layer", False)),
-    Row("prefix tuning", "attention (past key values)", _llama, _prefix, tuner=False),
-    Row("prompt tuning", "input embeddings", _llama, _prompt, tuner=False),
+    Row("prefix tuning", "attention (prefix keys and values)", _llama, _prefix, tuner=False),
+    Row("prompt tuning", "input embeddings", _llama, _prompt, tuner=False, patched=False),
 ]
 
 
@@ -345,7 +346,7 @@ def _is_tuner(row):
 
 
 def _untouched(row, notes) -> str:
-    """Derived for prompt learning under torch.compile (tracing a transformers model costs seconds per model):
+    """Derived for prompt tuning under torch.compile (tracing a transformers model costs seconds per model):
     ``patch`` swaps no module class of a model without adapter layers, so it runs exactly PEFT's code."""
     import fastpeft
 
@@ -356,7 +357,7 @@ def _untouched(row, notes) -> str:
 
 
 def _compile_cell(row, notes):
-    return _case(row, _compiled, notes=notes) if row.tuner else _untouched(row, notes)
+    return _case(row, _compiled, notes=notes) if row.patched else _untouched(row, notes)
 
 
 def _mixed_cell(row, notes):
@@ -399,8 +400,8 @@ torch.func) at fp32 tolerance. `fused`: a fastpeft op ran; `PEFT forward`: PEFT'
 merged follows `merge_adapter()`; mixed batch is `adapter_names=` with two adapters (PEFT's IA3 drops the
 argument); offload is `accelerate.cpu_offload(model.base_model.model, execution_device="cpu")` before or after
 `fastpeft.patch`; the hooks are forward hooks registered after patching that change the output; torch.compile
-captures the graph and runs it eagerly (no inductor), derived for prompt learning (`patch` changes no module of
-those models); torch.func is `torch.func.grad` over `functional_call`. Quantized base is derived, not run
+captures the graph and runs it eagerly (no inductor), derived for prompt tuning (`patch` changes nothing of
+those models yet); torch.func is `torch.func.grad` over `functional_call`. Quantized base is derived, not run
 (bitsandbytes is not installed here): PEFT uses its own layer classes for quantized bases and `patch` fuses only
 the exact classes of its dispatch table. DDP / FSDP is cited from tests/test_distributed.py (LoRA on a Llama
 under DDP and FSDP2, two CPU processes), not run here."""

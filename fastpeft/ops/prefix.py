@@ -25,7 +25,8 @@ on q viewed as ``[B, Hkv, G Sq, D]`` (GQA without repeating K/V), the prefix blo
 §5.2). What autograd keeps is q, k, v (the cache's own tensors), the prefix, O and lse: no probabilities.
 
 Attention dropout in training (``dropout_p > 0``) goes through the reference, whose ``F.dropout`` draws exactly as
-eager attention does; so does a position bias that needs a gradient (a trainable T5 relative bias).
+eager attention does; so does a position bias that needs a gradient (a trainable T5 relative bias), and so do
+torch.func transforms and forward-mode AD (the op has no batching or forward-AD rule; the reference is plain aten).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .linear import AUTO, _lib, _use_triton, direct_call
+from .linear import AUTO, _functorch_level, _lib, _use_triton, direct_call
+
+_forward_ad = torch.autograd.forward_ad
 
 __all__ = ["prefix_attention"]
 
@@ -257,7 +260,8 @@ def prefix_attention(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v
     """Attention of q over ``[prefix | sequence]`` as one op: ``(out [B, Sq, H, D], lse [B, H, Sq] fp32)``.
     Differentiable in q, k, v and the prefix; see the module docstring and ``prefix_attention_ref``."""
     if dropout_p or (bias is not None and bias.requires_grad and torch.is_grad_enabled()) or (
-            prefix_bias is not None and prefix_bias.requires_grad and torch.is_grad_enabled()):
+            prefix_bias is not None and prefix_bias.requires_grad and torch.is_grad_enabled()) or (
+            _functorch_level() is not None or _forward_ad._current_level >= 0):
         from ..reference import prefix_attention_ref
 
         return prefix_attention_ref(q, k, v, prefix_k, prefix_v, mask, scaling, causal, softcap, window, bias,
