@@ -1,6 +1,6 @@
-"""Data-parallel training on CPU (gloo, 2 processes on 127.0.0.1): a patched LoRA Llama gives the same losses,
-all-reduced adapter gradients and updated weights as PEFT's eager model, under DDP and under FSDP2
-(``torch.distributed.fsdp.fully_shard``).
+"""Data-parallel training on CPU (gloo, 2 processes on 127.0.0.1): a patched LoRA Llama, and a patched
+prefix-tuning Llama (with projection), give the same losses, all-reduced adapter gradients and updated weights as
+PEFT's eager model, under DDP and under FSDP2 (``torch.distributed.fsdp.fully_shard``).
 
 Each spawned rank trains both models (PEFT, then patched) for two SGD steps on its own batch and saves what it saw;
 the test process compares.
@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 
 import fastpeft
 from fastpeft.testing import assert_close
+import prefix_models
 from models import lora_model, model_inputs
 
 WORLD = 2
@@ -37,8 +38,15 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _train(rank: int, patched: bool, wrap: str) -> dict:
-    model = lora_model("llama").train()
+# method -> (PeftModel builder, inputs of a seed, layers the report names fused)
+METHODS = {"lora": (lambda: lora_model("llama"), lambda seed: model_inputs("llama", seed=seed), 14),
+           "prefix": (lambda: prefix_models.prefix_model("llama", projection=True),
+                      lambda seed: prefix_models.inputs("llama", seed=seed), 1)}
+
+
+def _train(rank: int, patched: bool, wrap: str, method: str) -> dict:
+    build, batch, _ = METHODS[method]
+    model = build().train()
     if patched:
         fastpeft.patch(model, backend="torch")
     if wrap == "ddp":
@@ -56,7 +64,7 @@ def _train(rank: int, patched: bool, wrap: str) -> dict:
     out = {"loss": [], "grads": [], "fused": len(fastpeft.report(model).fused) if patched else 0,
            "param_type": type(trainable[0][1]).__name__}
     for step in range(STEPS):
-        inputs = model_inputs("llama", seed=100 * step + rank)  # each rank its own batch
+        inputs = batch(100 * step + rank)  # each rank its own batch
         loss = wrapped(**inputs).loss
         loss.backward()
         out["loss"].append(loss.detach().clone())
@@ -67,26 +75,26 @@ def _train(rank: int, patched: bool, wrap: str) -> dict:
     return out
 
 
-def _worker(rank: int, port: int, out_dir: str, wrap: str) -> None:
+def _worker(rank: int, port: int, out_dir: str, wrap: str, method: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        results = {"peft": _train(rank, False, wrap), "fused": _train(rank, True, wrap)}
+        results = {"peft": _train(rank, False, wrap, method), "fused": _train(rank, True, wrap, method)}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def _run(tmp_path, monkeypatch, wrap: str) -> list[dict]:
+def _run(tmp_path, monkeypatch, wrap: str, method: str) -> list[dict]:
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # loopback only; inherited by the spawned ranks
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path), wrap), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path), wrap, method), nprocs=WORLD, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
 
-def _check(results: list[dict], param_type: str) -> None:
+def _check(results: list[dict], param_type: str, method: str) -> None:
     for rank, res in enumerate(results):
         peft, fused = res["peft"], res["fused"]
-        assert fused["fused"] == 14
+        assert fused["fused"] == METHODS[method][2]
         assert fused["param_type"] == peft["param_type"] == param_type
         for step in range(STEPS):
             assert_close(fused["loss"][step], peft["loss"][step], name=f"rank {rank} step {step} loss")
@@ -102,14 +110,16 @@ def _check(results: list[dict], param_type: str) -> None:
         assert_close(g, r1["fused"]["grads"][0][n], name=f"rank 0 vs rank 1 {n}")
 
 
-def test_ddp_patched_matches_peft(tmp_path, monkeypatch):
-    _check(_run(tmp_path, monkeypatch, "ddp"), "Parameter")
+@pytest.mark.parametrize("method", list(METHODS))
+def test_ddp_patched_matches_peft(tmp_path, monkeypatch, method):
+    _check(_run(tmp_path, monkeypatch, "ddp", method), "Parameter", method)
 
 
-def test_fsdp2_patched_matches_peft(tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", list(METHODS))
+def test_fsdp2_patched_matches_peft(tmp_path, monkeypatch, method):
     pytest.importorskip("torch.distributed.fsdp")
     from torch.distributed import fsdp
 
     if not hasattr(fsdp, "fully_shard"):
         pytest.skip("this torch has no FSDP2 fully_shard")
-    _check(_run(tmp_path, monkeypatch, "fsdp"), "DTensor")  # sharded: FSDP2 really ran
+    _check(_run(tmp_path, monkeypatch, "fsdp", method), "DTensor", method)  # sharded: FSDP2 really ran
