@@ -6,7 +6,9 @@ Load with ``-p compat.plugin``. Modes, from the env var ``FASTPEFT_COMPAT``:
 - ``patched``: also, right after every ``BaseTuner.inject_adapter`` (the one place PEFT creates LoRA/IA3 layers:
   ``get_peft_model``, ``PeftModel.from_pretrained``/``load_adapter``/``add_adapter``, ``inject_adapter_in_model``,
   ``LoraModel(...)``/``IA3Model(...)`` built directly, ``add_weighted_adapter``, mixed and X-LoRA models),
-  ``fastpeft.patch(model, backend="torch")`` runs on the model the adapter was injected into. As a check that no
+  ``fastpeft.patch(model, backend="torch")`` runs on the model the adapter was injected into; and after the
+  ``__init__`` of each PeftModel task class when the active adapter is prefix tuning (which injects no layers:
+  ``get_peft_model`` and ``PeftModel.from_pretrained`` both build the task class). As a check that no
   path escapes, every ``lora.Linear``/``ia3.Linear`` constructed is tracked; one never seen by a patch call is
   counted as ``escaped``.
 
@@ -93,6 +95,24 @@ def _install_patching():
         return out
 
     BaseTuner.inject_adapter = inject_adapter
+
+    # prefix tuning creates no adapter layers: patch a prefix-tuning PeftModel once its task class is built
+    from peft import peft_model
+
+    for name in ("PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
+                 "PeftModelForTokenClassification", "PeftModelForQuestionAnswering", "PeftModelForFeatureExtraction"):
+        task_cls = getattr(peft_model, name)
+
+        def make_task(orig_init, task_cls):
+            @functools.wraps(orig_init)
+            def __init__(self, *args, **kwargs):
+                orig_init(self, *args, **kwargs)
+                if type(self) is task_cls and self.active_peft_config.peft_type.value == "PREFIX_TUNING":
+                    _patch_model(self)
+
+            return __init__
+
+        task_cls.__init__ = make_task(task_cls.__init__, task_cls)
 
     for cls in (lora.Linear, ia3.Linear):
         orig_init = cls.__init__

@@ -207,3 +207,39 @@ def test_compiled_generate():
         del base.forward
         torch._dynamo.reset()
     assert torch.equal(out, ref.generate(**x, max_new_tokens=4, do_sample=False))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "t5"])
+def test_bf16(family):
+    """A bf16 model: patched logits within the error ratio of PEFT's own bf16 logits against the fp32 model."""
+    from fastpeft.testing import assert_close_ratio
+
+    oracle, ref, pat = (prefix_model(family) for _ in range(3))
+    ref.to(torch.bfloat16), pat.to(torch.bfloat16)
+    fastpeft.patch(pat)
+    x = inputs(family, labels=False)
+    with torch.no_grad():
+        assert_close_ratio(pat(**x).logits, ref(**x).logits, oracle(**x).logits, torch.bfloat16, name="logits")
+
+
+def test_second_adapter():
+    """Two prefix adapters: set_adapter switches what the patched model reads, as in PEFT."""
+    from peft import PrefixTuningConfig
+
+    models = _pair("llama")
+    for model in models:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(7)
+            model.add_adapter("other", PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+            for param in model.prompt_encoder["other"].parameters():
+                torch.nn.init.normal_(param, std=0.5)
+    ref, pat = models
+    x = inputs("llama", labels=False)
+    first = pat(**x).logits
+    for model in models:
+        model.set_adapter("other")
+    assert_close(pat(**x).logits, ref(**x).logits)
+    assert not torch.allclose(pat(**x).logits, first)
+    gx = {k: x[k] for k in ("input_ids", "attention_mask")}
+    assert torch.equal(pat.generate(**gx, max_new_tokens=4, do_sample=False),
+                       ref.generate(**gx, max_new_tokens=4, do_sample=False))
