@@ -243,3 +243,17 @@ def test_second_adapter():
     gx = {k: x[k] for k in ("input_ids", "attention_mask")}
     assert torch.equal(pat.generate(**gx, max_new_tokens=4, do_sample=False),
                        ref.generate(**gx, max_new_tokens=4, do_sample=False))
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_reentrant_checkpointing(family):
+    """Reentrant checkpointing: without projection (the prefix is a view of the embedding table) the gradients
+    are those of no checkpointing; with projection a clear error names the fix."""
+    _, plain = _pair(family)
+    _, pat = _pair(family)
+    pat.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    _check_train(plain, pat, inputs(family))
+    _, proj = _pair(family, projection=True)
+    proj.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ValueError, match="use_reentrant': False"):
+        proj.train()(**inputs(family))
