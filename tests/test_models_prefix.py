@@ -257,3 +257,13 @@ def test_reentrant_checkpointing(family):
     proj.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     with pytest.raises(ValueError, match="use_reentrant': False"):
         proj.train()(**inputs(family))
+
+
+def test_t5_layer_layout():
+    """With 4 layers PEFT's view/cat/split gives decoder layers 0 and 2 entries (0, 1), layers 1 and 3 entries
+    (4, 5) (not 2i, 2i+1): replayed, the gradients land on the same rows of the table."""
+    ref, pat = _pair("t5", layers=4)
+    _check_train(ref, pat, inputs("t5"))
+    grad = _grads(pat)["prompt_encoder.default.embedding.weight"].view(5, 8, 4, 8)  # [P, 2 * 4 layers, H, D]
+    used = [i for i in range(8) if grad[:, i].abs().sum() > 0]
+    assert used == [0, 1, 4, 5]
