@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["lora_linear_ref", "base_linear_ref", "ia3_linear_ref", "prefix_attention_ref"]
+__all__ = ["lora_linear_ref", "base_linear_ref", "ia3_linear_ref", "prefix_attention_ref", "soft_prompt_embed_ref"]
 
 
 def base_linear_ref(x: Tensor, weight: Tensor | None, bias: Tensor | None, weight_t: bool = False) -> Tensor:
@@ -130,3 +130,12 @@ def prefix_attention_ref(
     if dropout_p:
         probs = torch.nn.functional.dropout(probs, p=dropout_p)
     return (probs @ vf).transpose(1, 2).contiguous(), lse
+
+
+def soft_prompt_embed_ref(prompt: Tensor, weight: Tensor | None = None, ids: Tensor | None = None,
+                          embeds: Tensor | None = None) -> Tensor:
+    """``[virtual prompt | token embeddings]`` as PEFT builds it (peft_model.py:2162-2170): the tokens embedded
+    (``weight[ids]``, or ``embeds`` given), the prompt [P, D] repeated per row and cast to their dtype, then
+    concatenated: [B, P + T, D]."""
+    tokens = torch.nn.functional.embedding(ids, weight) if embeds is None else embeds
+    return torch.cat([prompt.unsqueeze(0).repeat(tokens.shape[0], 1, 1).to(tokens.dtype), tokens], dim=1)

@@ -1,3 +1,3 @@
-"""Torch custom ops fronting the fused kernels: two families: the adapted linear (LoRA, IA3) and prefix attention."""
+"""Torch custom ops fronting the fused kernels: the adapted linear (LoRA, IA3), prefix attention, soft prompts."""
 
-from . import ia3, linear, prefix  # noqa: F401  (registers the fastpeft:: ops)
+from . import ia3, linear, prefix, soft_prompt  # noqa: F401  (registers the fastpeft:: ops)
