@@ -1,16 +1,21 @@
-"""The benchmark counters that need a model: ops of a step (``count_ops``, over fastpeft.testing's OpCounter) and
-what autograd saves for backward (``SavedCounter``). Definitions: the ``benchmarks/harness.py`` module docstring."""
+"""The benchmark counters that need a model: ops of a step (``count_ops``, over fastpeft.testing's OpCounter), the
+same split at generate's steps with the bytes each copy op writes (``StepCounter``), and what autograd saves for
+backward (``SavedCounter``). Definitions: the ``benchmarks/harness.py`` module docstring."""
 
 from __future__ import annotations
 
+import collections
+import importlib
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
-from fastpeft.testing import OpCounter
+from fastpeft.testing import OpCounter, excluded_op
 
-__all__ = ["count_ops", "SavedCounter"]
+__all__ = ["count_ops", "COPY_OPS", "Segment", "StepCounter", "SavedCounter"]
 
 
 def count_ops(fn: Callable[[], Any]) -> OpCounter:
@@ -18,6 +23,103 @@ def count_ops(fn: Callable[[], Any]) -> OpCounter:
     with counter:
         fn()
     return counter
+
+
+# Ops that move data without arithmetic -> the argument whose bytes they write (None: their output). An embedding
+# lookup is a gather too, but it is the model's compute (the token embeddings), not a copy of state, so it is left out.
+COPY_OPS: dict[str, int | None] = {
+    "aten.cat": None, "aten.stack": None, "aten.clone": None, "aten._to_copy": None, "aten.copy": None,
+    "aten.repeat": None, "aten.repeat_interleave": None, "aten.index_select": None, "aten.index_copy": None,
+    "aten.index_put": None, "aten.slice_scatter": None, "aten.select_scatter": None, "aten.expand_copy": None,
+    "aten.copy_": 0, "aten.index_copy_": 3, "aten.index_put_": 2,
+}
+
+# fastpeft's custom ops -> (module, function): the implementation the op runs on CPU, called under the counter
+# so the aten ops (and copies) inside it are seen. The op itself still counts as one op in ``total``.
+_SEE_THROUGH = {"fastpeft.prefix_attention": ("fastpeft.ops.prefix", "_fwd"),
+                "fastpeft.prefix_attention_backward": ("fastpeft.ops.prefix", "_bwd_impl")}
+
+
+def _nbytes(tree) -> int:
+    return sum(t.numel() * t.element_size() for t in tree_leaves(tree) if isinstance(t, torch.Tensor))
+
+
+@dataclass
+class Segment:
+    """What one stretch between two ``StepCounter.mark()`` calls dispatched."""
+
+    ops: int = 0  # counted as OpCounter counts (a fastpeft custom op is one)
+    forward_ops: int = 0  # the part of ``ops`` inside the model's forward (``StepCounter.watch``)
+    copies: collections.Counter = field(default_factory=collections.Counter)  # copy op -> bytes written
+    inside_ops: collections.Counter = field(default_factory=collections.Counter)  # aten ops inside fastpeft ops
+    histogram: collections.Counter = field(default_factory=collections.Counter)
+
+    @property
+    def copy_bytes(self) -> int:
+        """Bytes written by copy ops, those inside fastpeft's ops included."""
+        return sum(self.copies.values())
+
+
+class StepCounter(OpCounter):
+    """An OpCounter that also splits its counts into ``segments`` at each ``mark()`` (a generate step), attributes
+    the bytes written by ``COPY_OPS`` to each op (``Segment.copies``; an op inside a fastpeft custom op is keyed
+    ``"inside:<op>"``), and counts the aten ops a fastpeft op runs inside (``Segment.inside_ops``, not in ``ops``).
+
+    Inside a fastpeft op the counter calls the op's CPU implementation itself (``_SEE_THROUGH``), under the mode:
+    the same aten calls the op makes when called directly in eager (``fastpeft.ops.linear.direct_call``).
+    """
+
+    def __init__(self, see_through: bool = True):
+        super().__init__()
+        self.segments = [Segment()]
+        self.see_through = see_through
+        self._inside = 0
+        self._forward = 0
+
+    def mark(self) -> None:
+        self.segments.append(Segment())
+
+    def watch(self, module: nn.Module) -> list:
+        """Count the ops inside ``module``'s forward apart (``Segment.forward_ops``); returns the hook handles."""
+
+        def enter(*_):
+            self._forward += 1
+
+        def leave(*_):
+            self._forward -= 1
+
+        return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func.overloadpacket)
+        seg = self.segments[-1]
+        impl = _SEE_THROUGH.get(name) if self.see_through and not self._inside else None
+        if impl is not None:
+            self._inside += 1
+            try:
+                with self:
+                    out = getattr(importlib.import_module(impl[0]), impl[1])(*args, **kwargs)
+            finally:
+                self._inside -= 1
+        else:
+            out = func(*args, **kwargs)
+        if excluded_op(func):
+            return out
+        if self._inside:
+            seg.inside_ops[name] += 1
+        else:
+            self.ops[str(func)] += 1
+            self.names.append(name)
+            self.bytes += _nbytes((args, kwargs)) + _nbytes(out)
+            seg.ops += 1
+            seg.histogram[name] += 1
+            seg.forward_ops += bool(self._forward)
+        if name in COPY_OPS:
+            i = COPY_OPS[name]
+            written = _nbytes(out) if i is None else _nbytes(args[i] if i < len(args) else None)
+            seg.copies[f"inside:{name}" if self._inside else name] += written
+        return out
 
 
 class SavedCounter:
