@@ -1,14 +1,18 @@
 """The one benchmark harness: workloads, providers, modes, counters and interleaved timing for every adapter method.
 
 Vocabulary
-- method: an adapter method and the PEFT config it is benchmarked with (``register_method``). LoRA is registered
-  here; IA3, prefix and prompt tuning add one ``Method`` each and get every workload, provider and counter.
-- workload: a mode with its sizes, LoRA dropout and model dtype (``Workload``), grouped per ``Scale``: "full" is the
-  reference workload of the issue, "smoke" a tiny model for ``--benchmark-disable`` CI runs.
+- method: an adapter method and the PEFT config it is benchmarked with (``register_method``), with the workloads
+  that apply to it. LoRA, IA3 and prefix tuning are registered here; a new method adds one ``Method`` and gets every
+  workload, provider and counter.
+- workload: a mode with its sizes, LoRA dropout, prefix length and model dtype (``Workload``), grouped per
+  ``Scale``: "full" is the reference workload of the issues, "smoke" a tiny model for ``--benchmark-disable`` CI
+  runs (the same workload names; the prefix workloads keep their B and P and shrink the model and the lengths).
 - provider: "base" (the model without adapters: the floor), "peft" (PEFT eager), "fastpeft" (a copy of the same
   PEFT model after ``fastpeft.patch(backend="auto")``: the fused torch path on CPU, the Triton kernels on CUDA).
 - mode: "decode" (one new token per step against a DynamicCache; teacher-forced tokens, so every provider runs the
-  same inputs), "prefill" (no-grad forward over the prompt, last-position logits, as ``generate`` does), "train"
+  same inputs), "generate" (greedy ``model.generate`` of ``new_tokens`` tokens, timed per decode step inside it:
+  the only decode loop that runs PEFT's prefix path; ``benchmarks/generate.py``), "prefill" (no-grad forward over
+  the prompt, last-position logits, as ``generate`` does), "train"
   (zero_grad, forward with labels, backward, AdamW(foreach) step). The base provider's train step is frozen weights
   with gradients w.r.t. the input embeddings: backward through every layer's dX, the floor of adapter training.
 
@@ -34,9 +38,13 @@ Counters (recorded in each case's ``benchmark.extra_info``; one step each, outsi
 - ``peak_mem_bytes`` (CUDA only): ``max_memory_allocated`` during the step minus the allocation before it.
 - ``generate_ops`` (decode only): ops per token inside ``model.generate`` (greedy; the difference between
   generating 3 and 2 new tokens): the model's decode ops plus generate's own, provider-independent bookkeeping.
+- generate mode: ops of its prefill and of a decode step inside generate (and their parts inside the model's
+  forward), bytes written by copy ops per decode step (cat, copy_, clone, index_copy...; inside fastpeft's ops
+  too), prefix bytes held, KV-cache bytes after generate: ``benchmarks/generate.py`` module docstring.
 
 Timing: ``Bench.interleaved`` runs providers round-robin within a measurement, one step each in a rotating order,
-so machine drift hits all of them alike; ratios are medians of per-step paired ratios from the same run.
+so machine drift hits all of them alike; ratios are medians of per-step paired ratios from the same run. In
+generate mode a step is one generate call and its samples are the decode steps inside it (paired by position).
 """
 
 from __future__ import annotations
@@ -59,13 +67,13 @@ from .counters import SavedCounter, count_ops
 
 __all__ = [
     "PROVIDERS", "MODES", "LLAMA_LINEARS", "REFERENCE_MODEL", "SMOKE_MODEL", "Workload", "Scale", "SCALES",
-    "Method", "METHODS", "register_method", "ProviderUnavailable", "Runner", "Timing", "Bench", "OpCounter",
-    "SavedCounter", "excluded_op", "count_ops", "generate_ops", "default_device", "smoke_or_full",
-    "parity_ok", "MiB",
+    "ADAPTER_WORKLOADS", "PREFIX_WORKLOADS", "Method", "METHODS", "register_method", "ProviderUnavailable", "Runner",
+    "Timing", "Bench", "OpCounter", "SavedCounter", "excluded_op", "count_ops", "generate_ops", "default_device",
+    "smoke_or_full", "parity_ok", "MiB",
 ]
 
 PROVIDERS = ("base", "peft", "fastpeft")
-MODES = ("decode", "prefill", "train")
+MODES = ("decode", "generate", "prefill", "train")
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MiB = 2**20
 
@@ -86,10 +94,18 @@ class Workload:
     seq: int  # prompt length (decode: the prefilled cache) or sequence length (prefill, train)
     dropout: float = 0.0  # adapter dropout, for methods that have one (train mode only)
     dtype: torch.dtype = torch.float32  # model dtype; PEFT keeps adapters in fp32 (autocast_adapter_dtype)
+    prefix: int = 0  # virtual tokens, for prompt-learning methods
+    new_tokens: int = 0  # generate mode: tokens generated per call
 
     @property
     def tokens_per_step(self) -> int:
-        return self.batch if self.mode == "decode" else self.batch * self.seq
+        """Tokens of one timed step: a decode step's B, a generate call's B x new tokens, else B x T."""
+        return {"decode": self.batch, "generate": self.batch * self.new_tokens}.get(self.mode, self.batch * self.seq)
+
+    @property
+    def tokens_per_sample(self) -> int:
+        """Tokens of one interleaved timing sample: in generate mode a sample is one decode step (B tokens)."""
+        return self.batch if self.mode == "generate" else self.tokens_per_step
 
 
 @dataclass(frozen=True)
@@ -102,7 +118,11 @@ class Scale:
     bench_rounds: dict[str, int]  # pytest-benchmark rounds of the per-provider cases, by mode
 
 
-def _workloads(prompt: int, batch: int, seq: int) -> dict[str, Workload]:
+ADAPTER_WORKLOADS = ("decode-B1", "decode-B8", "prefill", "train-p0", "train-p0.1", "train-bf16-p0.1")
+PREFIX_WORKLOADS = ("generate-B8-P20", "generate-B32-P20", "generate-B8-P64", "generate-B32-P64", "train-P20")
+
+
+def _workloads(prompt: int, batch: int, seq: int, gen_prompt: int, new_tokens: int) -> dict[str, Workload]:
     ws = [
         Workload("decode-B1", "decode", 1, prompt),
         Workload("decode-B8", "decode", 8, prompt),
@@ -110,17 +130,23 @@ def _workloads(prompt: int, batch: int, seq: int) -> dict[str, Workload]:
         Workload("train-p0", "train", batch, seq, dropout=0.0),
         Workload("train-p0.1", "train", batch, seq, dropout=0.1),
         Workload("train-bf16-p0.1", "train", batch, seq, dropout=0.1, dtype=torch.bfloat16),
+        # prefix tuning (the prefix issue's cases): B x P, generate after a gen_prompt-token prompt; train B=8, P=20
+        *(Workload(f"generate-B{b}-P{p}", "generate", b, gen_prompt, prefix=p, new_tokens=new_tokens)
+          for p in (20, 64) for b in (8, 32)),
+        Workload("train-P20", "train", 8, gen_prompt, prefix=20),
     ]
     return {w.name: w for w in ws}
 
 
 SCALES = {
-    "full": Scale("full", REFERENCE_MODEL, _workloads(prompt=32, batch=4, seq=256),
-                  steps={"decode": 32, "prefill": 7, "train": 5}, rounds={"decode": 4, "prefill": 1, "train": 1},
-                  bench_rounds={"decode": 32, "prefill": 5, "train": 3}),
-    "smoke": Scale("smoke", SMOKE_MODEL, _workloads(prompt=8, batch=2, seq=16),
-                   steps={"decode": 2, "prefill": 1, "train": 1}, rounds={"decode": 1, "prefill": 1, "train": 1},
-                   bench_rounds={"decode": 1, "prefill": 1, "train": 1}),
+    "full": Scale("full", REFERENCE_MODEL, _workloads(prompt=32, batch=4, seq=256, gen_prompt=64, new_tokens=32),
+                  steps={"decode": 32, "generate": 1, "prefill": 7, "train": 5},
+                  rounds={"decode": 4, "generate": 3, "prefill": 1, "train": 1},
+                  bench_rounds={"decode": 32, "generate": 3, "prefill": 5, "train": 3}),
+    "smoke": Scale("smoke", SMOKE_MODEL, _workloads(prompt=8, batch=2, seq=16, gen_prompt=8, new_tokens=4),
+                   steps={"decode": 2, "generate": 1, "prefill": 1, "train": 1},
+                   rounds={"decode": 1, "generate": 1, "prefill": 1, "train": 1},
+                   bench_rounds={"decode": 1, "generate": 1, "prefill": 1, "train": 1}),
 }
 
 
@@ -154,9 +180,16 @@ def _ia3_config(w: Workload):
     return IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
 
 
-register_method(Method("lora", _lora_config))
+def _prefix_config(w: Workload):
+    from peft import PrefixTuningConfig
+
+    return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=w.prefix)  # no projection: PEFT's default
+
+
+register_method(Method("lora", _lora_config, workloads=ADAPTER_WORKLOADS))
 register_method(Method("ia3", _ia3_config, workloads=("decode-B1", "decode-B8", "prefill", "train-p0",
                                                       "train-bf16-p0.1")))  # PEFT's Llama defaults; no dropout
+register_method(Method("prefix", _prefix_config, workloads=PREFIX_WORKLOADS))  # sdpa base attention
 
 
 # Models, providers and modes
@@ -198,6 +231,7 @@ class Timing:
     providers: tuple[str, ...]
     times: dict[str, list[float]] = field(default_factory=dict)
     warm: bool = False
+    turns: int = 0  # round-robin turns so far: the next turn's rotation
 
     def __post_init__(self):
         for p in self.providers:
@@ -273,7 +307,8 @@ class Bench:
     def model(self, method: str, w: Workload, provider: str) -> nn.Module:
         """The provider's model for a workload (cached: train steps update its adapters as they run)."""
         train = w.mode == "train"
-        key = (None if provider == "base" else method, provider, w.dtype, w.dropout if train else 0.0, train)
+        key = (None if provider == "base" else method, provider, w.dtype, w.dropout if train else 0.0, train,
+               0 if provider == "base" else w.prefix)
         if key not in self._models:
             self._models[key] = self.build(method, w, provider)
         return self._models[key]
@@ -334,7 +369,13 @@ class Bench:
         out: dict[str, Any] = {"mode": w.mode, "batch": w.batch, "seq": w.seq, "dropout": w.dropout,
                                "dtype": str(w.dtype).removeprefix("torch."), "device": self.device,
                                "scale": self.scale.name}
-        if w.mode == "train":
+        if w.mode == "generate":
+            from .generate import generate_counters
+
+            out.update(prefix=w.prefix, new_tokens=w.new_tokens)
+            out.update(generate_counters(run.model, _tokens(run.model.config.vocab_size, w.batch, w.seq, self.device),
+                                         w.new_tokens))
+        elif w.mode == "train":
             saved = SavedCounter(run.model)
             with saved:
                 ops = count_ops(lambda: run.step(state))
@@ -343,7 +384,8 @@ class Bench:
             saved.close()
         else:
             ops = count_ops(lambda: run.step(state))
-        out.update(ops=ops.total, bytes_touched=ops.bytes, op_histogram=dict(ops.ops.most_common()))
+        if w.mode != "generate":
+            out.update(ops=ops.total, bytes_touched=ops.bytes, op_histogram=dict(ops.ops.most_common()))
         if w.mode == "decode":
             out["generate_ops"] = generate_ops(run.model, w, self.device)
         if self.device.startswith("cuda"):
@@ -366,22 +408,27 @@ class Bench:
 
     def interleaved_round(self, method: str, w: Workload, timing: Timing, steps: int | None = None) -> Timing:
         """One round: every provider prepares (untimed), then ``steps`` turns, one step per provider per turn, the
-        order rotated every turn. The first round also runs one untimed warm-up step per provider."""
+        order rotated every turn. The first round also runs one untimed warm-up step per provider. A generate step
+        adds its decode steps' times, not its own."""
         runs = {p: self.runner(method, w, p) for p in timing.providers}
         states = {p: runs[p].prepare() for p in timing.providers}
         if not timing.warm:
             for p in timing.providers:
                 runs[p].step(states[p])
             timing.warm = True
-        n, start = len(timing.providers), len(timing.times[timing.providers[0]])
-        for i in range(steps or self.scale.steps[w.mode]):
-            k = (start + i) % n
+        n = len(timing.providers)
+        for _ in range(steps or self.scale.steps[w.mode]):
+            k = timing.turns % n
+            timing.turns += 1
             for p in timing.providers[k:] + timing.providers[:k]:
                 _sync(self.device)
                 t0 = time.perf_counter()
                 runs[p].step(states[p])
                 _sync(self.device)
-                timing.times[p].append(time.perf_counter() - t0)
+                if w.mode == "generate":
+                    timing.times[p].extend(states[p].token_times)
+                else:
+                    timing.times[p].append(time.perf_counter() - t0)
         return timing
 
     def interleaved(self, method: str, w: Workload | str, providers: tuple[str, ...] = PROVIDERS,
@@ -473,6 +520,10 @@ def _make_runner(model: nn.Module, w: Workload, device: str, decode_tokens: int)
         return Runner(model, prepare, step)
 
     ids = _tokens(vocab, w.batch, w.seq, device)
+    if w.mode == "generate":
+        from .generate import generate_steps
+
+        return Runner(model, *generate_steps(model, ids, w.new_tokens, device))
     if w.mode == "prefill":
         def step(_):
             with torch.no_grad():
