@@ -155,14 +155,17 @@ def patch(model: nn.Module, backend: str = "auto") -> nn.Module:
 
 def _patch_prompt_learning(model: nn.Module, rep: PatchReport, code: int) -> None:
     config = getattr(model, "active_peft_config", None)
-    if config is None or config.peft_type.value != "PREFIX_TUNING":
+    kind = None if config is None else config.peft_type.value
+    if kind == "PREFIX_TUNING":
+        from .prefix import patch_prefix as patcher
+    elif kind in ("PROMPT_TUNING", "P_TUNING"):
+        from .soft_prompt import patch_soft_prompt as patcher
+    else:
         return
-    from .prefix import patch_prefix
-
     name = f"prompt_encoder.{model.active_adapter}"
-    ok, what = patch_prefix(model, code)
+    ok, what = patcher(model, code)
     if ok:
-        rep.fused[name] = "prefix_tuning.PrefixEncoder"
+        rep.fused[name] = f"{kind.lower()}.{type(model.prompt_encoder[model.active_adapter]).__name__}"
         rep.notes.append(what)
     else:
         rep.fallback[name] = what
@@ -178,8 +181,8 @@ def _notes(model: nn.Module, rep: PatchReport, code: int) -> list[str]:
     if not rep.fused and not rep.fallback:
         config = getattr(model, "active_peft_config", None)
         if config is not None and config.is_prompt_learning:
-            notes.append(f"PEFT method {config.peft_type.value} is prompt learning (prompt tuning and P-tuning are "
-                         "not fused yet): the model runs PEFT's forward")
+            notes.append(f"PEFT method {config.peft_type.value} is not fused (fastpeft patches prefix tuning, prompt "
+                         "tuning and P-tuning): the model runs PEFT's forward")
         else:
             notes.append(f"no PEFT adapter layers found in {type(model).__name__}: expected a PeftModel "
                          "(get_peft_model or PeftModel.from_pretrained) or a model with LoRA / IA3 layers injected")
@@ -203,8 +206,10 @@ def unpatch(model: nn.Module) -> nn.Module:
             module.__dict__.pop("_fastpeft_weight_t", None)
             module.__dict__.pop("_fastpeft_base_type", None)
     from .prefix import unpatch_prefix
+    from .soft_prompt import unpatch_soft_prompt
 
     unpatch_prefix(model)
+    unpatch_soft_prompt(model)
     model.__dict__.pop("_fastpeft_report", None)
     return model
 

@@ -240,9 +240,16 @@ def _applicable(model, a: dict) -> bool:
     return cfg.peft_type == PeftType.PREFIX_TUNING and not a.get("output_attentions")
 
 
-def _bind(sig: inspect.Signature, args, kwargs) -> dict:
+# Named parameters of a PEFT task forward that its prompt-learning branch never passes on: PEFT drops them
+# silently (QA: peft_model.py:2982-3051 names token_type_ids and position_ids, then calls the base without them).
+_DROPPED = {"PeftModelForQuestionAnswering": ("token_type_ids", "position_ids")}
+
+
+def _bind(model, sig: inspect.Signature, args, kwargs) -> dict:
     a = dict(sig.bind(*args, **kwargs).arguments)
     a.update(a.pop("kwargs", {}))
+    for name in _DROPPED.get(type(model).__name__, ()):
+        a.pop(name, None)
     return a
 
 
@@ -266,7 +273,7 @@ def _check_checkpointing(model) -> None:
 
 def _forward(self, *args, **kwargs):
     state = self.__dict__["_fastpeft_prefix"]
-    a = _bind(state["signature"], args, kwargs)
+    a = _bind(self, state["signature"], args, kwargs)
     if not _applicable(self, a):
         return state["peft"]["forward"](*args, **kwargs)
     a.pop("task_ids", None)

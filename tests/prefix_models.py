@@ -128,3 +128,24 @@ def inputs(family: str, batch: int = 3, seq: int = 7, seed: int = 0, labels: boo
             out["start_positions"] = torch.randint(0, seq, (batch,), generator=g)
             out["end_positions"] = torch.randint(0, seq, (batch,), generator=g)
     return out
+
+
+def prompt_model(family: str, kind: str = "prompt", p: int = 4, encoder: str = "MLP", seed: int = 0,
+                 task: str | None = None, inference_mode: bool = False, **kw):
+    """A PeftModel with one prompt-tuning (``kind="prompt"``) or P-tuning (``kind="ptuning"``, ``encoder`` MLP or
+    LSTM) adapter; all prompt parameters random (seeded)."""
+    from peft import PromptEncoderConfig, PromptTuningConfig, get_peft_model
+
+    task = task or task_of(family)
+    base = base_model(family, seed, task=task, **kw)
+    if kind == "prompt":
+        cfg = PromptTuningConfig(task_type=task, num_virtual_tokens=p, inference_mode=inference_mode)
+    else:
+        cfg = PromptEncoderConfig(task_type=task, num_virtual_tokens=p, encoder_reparameterization_type=encoder,
+                                  encoder_hidden_size=16, inference_mode=inference_mode)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        model = get_peft_model(base, cfg)
+        for param in model.prompt_encoder.parameters():
+            torch.nn.init.normal_(param, std=0.5)
+    return model.eval()

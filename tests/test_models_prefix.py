@@ -267,3 +267,11 @@ def test_t5_layer_layout():
     grad = _grads(pat)["prompt_encoder.default.embedding.weight"].view(5, 8, 4, 8)  # [P, 2 * 4 layers, H, D]
     used = [i for i in range(8) if grad[:, i].abs().sum() > 0]
     assert used == [0, 1, 4, 5]
+
+
+def test_qa_token_type_ids_dropped_as_peft():
+    """PEFT's QA forward names token_type_ids and never passes them on: the patched model drops them too."""
+    ref, pat = _pair("bert", task="QUESTION_ANS")
+    x = inputs("bert", task="QUESTION_ANS")
+    x["token_type_ids"] = (torch.arange(7) >= 3).long().repeat(3, 1)
+    _check_train(ref, pat, x)
