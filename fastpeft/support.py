@@ -117,6 +117,13 @@ def _prompt(**kw):
     return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, **kw)
 
 
+def _ptuning(**kw):
+    from peft import PromptEncoderConfig
+
+    return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=2, encoder_reparameterization_type="LSTM",
+                               encoder_hidden_size=8, **kw)
+
+
 @dataclass(frozen=True)
 class Row:
     method: str
@@ -124,7 +131,7 @@ class Row:
     build: Callable[[], tuple[nn.Module, torch.Tensor]]  # base model and its input
     config: Callable[..., Any]  # PEFT config, keyword overrides
     tuner: bool = True  # adapter layers that fastpeft could patch (False: prompt learning)
-    patched: bool = True  # whether fastpeft.patch changes anything (prompt tuning: not yet)
+    patched: bool = True  # whether fastpeft.patch changes anything (else torch.compile is derived, not run)
 
 
 ROWS = [
@@ -137,7 +144,8 @@ ROWS = [
     Row("IA3", "GPT-2 `Conv1D`, output scaling", _conv1d, _ia3("layer", False)),
     Row("IA3", "`nn.Conv2d`, output scaling", _conv2d, _ia3("layer", False)),
     Row("prefix tuning", "attention (prefix keys and values)", _llama, _prefix, tuner=False),
-    Row("prompt tuning", "input embeddings", _llama, _prompt, tuner=False, patched=False),
+    Row("prompt tuning", "input embeddings", _llama, _prompt, tuner=False),
+    Row("P-tuning", "input embeddings (LSTM encoder)", _llama, _ptuning, tuner=False),
 ]
 
 
@@ -400,8 +408,7 @@ torch.func) at fp32 tolerance. `fused`: a fastpeft op ran; `PEFT forward`: PEFT'
 merged follows `merge_adapter()`; mixed batch is `adapter_names=` with two adapters (PEFT's IA3 drops the
 argument); offload is `accelerate.cpu_offload(model.base_model.model, execution_device="cpu")` before or after
 `fastpeft.patch`; the hooks are forward hooks registered after patching that change the output; torch.compile
-captures the graph and runs it eagerly (no inductor), derived for prompt tuning (`patch` changes nothing of
-those models yet); torch.func is `torch.func.grad` over `functional_call`. Quantized base is derived, not run
+captures the graph and runs it eagerly (no inductor); torch.func is `torch.func.grad` over `functional_call`. Quantized base is derived, not run
 (bitsandbytes is not installed here): PEFT uses its own layer classes for quantized bases and `patch` fuses only
 the exact classes of its dispatch table. DDP / FSDP is cited from tests/test_distributed.py (LoRA on a Llama
 under DDP and FSDP2, two CPU processes), not run here."""

@@ -1,4 +1,7 @@
-"""Prefix tuning against oracles that do not need PEFT's own prefix path, which transformers 5.24 breaks.
+"""Prefix tuning and soft prompts against oracles that do not need PEFT's own paths, which transformers 5.24 breaks.
+
+Soft prompts: on 5.24 PEFT 0.21.2 re-injects the prompt at every decode step (it looks for the renamed cache
+argument under its old name); the patched generate must equal a cache-free greedy loop over full forwards there.
 
 On transformers 5.24 PEFT 0.21.2's prefix ``generate`` silently ignores the prefix (the cache argument was
 renamed to ``cache``; PEFT injects a fresh prefix cache under the old name each step, which the model drops) and
@@ -19,7 +22,7 @@ import fastpeft.prefix as fp
 from fastpeft.reference import prefix_attention_ref
 from fastpeft.testing import assert_close
 
-from prefix_models import DECODERS, inputs, prefix_model
+from prefix_models import DECODERS, inputs, prefix_model, prompt_model
 
 NEW = 6
 
@@ -98,3 +101,28 @@ def test_encoder_against_reference_attention(family, monkeypatch):
 
 def test_decoders_covered():
     assert {f for f, _ in GEN} <= set(DECODERS) | {"t5"}
+
+
+def _prompt_loop(model, family, x):
+    """Soft prompts: PEFT's forward drops position_ids, and its generate positions by the cache length: both are
+    arange over [prompt | tokens], so full forwards without positions are generate's steps."""
+    if family == "t5":
+        return _loop(model, family, x)
+    ids, mask = x["input_ids"], x["attention_mask"]
+    for _ in range(NEW):
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids
+
+
+@pytest.mark.filterwarnings("ignore:Position ids are not supported")
+@pytest.mark.parametrize("kind,encoder", [("prompt", "MLP"), ("ptuning", "LSTM")], ids=["prompt", "ptuning-lstm"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "t5"])
+def test_soft_prompt_generate_equals_cache_free_loop(family, kind, encoder):
+    model = fastpeft.patch(prompt_model(family, kind, encoder=encoder))
+    x = {k: v for k, v in inputs(family, labels=False).items() if k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        expected = _prompt_loop(model, family, x)
+    out = model.generate(**x, max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW)
+    assert torch.equal(out[:, : expected.shape[1]], expected)

@@ -20,7 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .linear import AUTO, _lib, _use_triton, direct_call
+from .linear import AUTO, _functorch_level, _lib, _use_triton, direct_call
+
+_forward_ad = torch.autograd.forward_ad
 
 __all__ = ["soft_prompt_embed"]
 
@@ -105,6 +107,11 @@ def soft_prompt_embed(prompt: Tensor, weight: Tensor | None = None, ids: Tensor 
                       embeds: Tensor | None = None, backend: int = AUTO) -> Tensor:
     """``[prompt | weight[ids]]`` (or ``[prompt | embeds]``) for every row, [B, P + T, D] in the tokens' dtype;
     differentiable in the prompt and ``embeds`` (and in ``weight``, through aten's embedding)."""
+    if _functorch_level() is not None or _forward_ad._current_level >= 0:
+        # torch.func transforms and forward-mode AD: the op has no batching or forward-AD rule; plain aten does
+        from ..reference import soft_prompt_embed_ref
+
+        return soft_prompt_embed_ref(prompt, weight, ids, embeds)
     grad = torch.is_grad_enabled()
     if grad and weight is not None and weight.requires_grad and ids is not None:
         embeds, weight, ids = torch.nn.functional.embedding(ids, weight), None, None
