@@ -1,5 +1,5 @@
 """Data-parallel training on CPU (gloo, 2 processes on 127.0.0.1): a patched LoRA Llama, and a patched
-prefix-tuning Llama (with projection), give the same losses, all-reduced adapter gradients and updated weights as
+prefix-tuning Llama (with projection) and a P-tuning Llama (LSTM encoder), give the same losses, all-reduced adapter gradients and updated weights as
 PEFT's eager model, under DDP and under FSDP2 (``torch.distributed.fsdp.fully_shard``).
 
 Each spawned rank trains both models (PEFT, then patched) for two SGD steps on its own batch and saves what it saw;
@@ -41,7 +41,9 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 # method -> (PeftModel builder, inputs of a seed, layers the report names fused)
 METHODS = {"lora": (lambda: lora_model("llama"), lambda seed: model_inputs("llama", seed=seed), 14),
            "prefix": (lambda: prefix_models.prefix_model("llama", projection=True),
-                      lambda seed: prefix_models.inputs("llama", seed=seed), 1)}
+                      lambda seed: prefix_models.inputs("llama", seed=seed), 1),
+           "ptuning": (lambda: prefix_models.prompt_model("llama", "ptuning", encoder="LSTM"),
+                       lambda seed: prefix_models.inputs("llama", seed=seed), 1)}
 
 
 def _train(rank: int, patched: bool, wrap: str, method: str) -> dict:
