@@ -361,12 +361,20 @@ def test_patch_of_a_model_without_peft_layers_warns(what):
 
 
 def test_patch_of_a_prompt_learning_model_warns():
-    from peft import PromptTuningConfig, get_peft_model
+    """Prompt learning methods fastpeft does not patch (multitask prompt tuning) warn and name the method;
+    prompt tuning is patched silently."""
+    from peft import MultitaskPromptTuningConfig, PromptTuningConfig, get_peft_model
 
-    model = get_peft_model(base_model("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
-    with pytest.warns(UserWarning, match="prompt tuning .* not fused"):
+    model = get_peft_model(base_model("llama"), MultitaskPromptTuningConfig(task_type="CAUSAL_LM",
+                                                                            num_virtual_tokens=4, num_tasks=2))
+    with pytest.warns(UserWarning, match="MULTITASK_PROMPT_TUNING is not fused"):
         fastpeft.patch(model)
-    assert "PROMPT_TUNING" in str(fastpeft.report(model))
+    assert "MULTITASK_PROMPT_TUNING" in str(fastpeft.report(model))
+    model = get_peft_model(base_model("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastpeft.patch(model)
+    assert fastpeft.report(model).fused == {"prompt_encoder.default": "prompt_tuning.PromptEmbedding"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
