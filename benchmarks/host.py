@@ -1,4 +1,5 @@
-"""Host time of one adapted-linear layer call at decode size, per provider.
+"""Host time of one adapted-linear layer call at decode size, per provider (the layer methods, ``LAYER_METHODS``;
+prefix tuning adapts no layer: its decode overhead is in the generate-mode counters and times).
 
 At decode the arithmetic of an adapter is tiny and the host path is the cost: on a GPU without CUDA graphs each
 layer's Python, dispatch and launch time is what the step waits for, and on a CPU it adds to every layer. This
@@ -20,9 +21,12 @@ if __name__ == "__main__" and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's import: plan on CPU tensors, launch nothing
 from torch import nn
 
-from .harness import METHODS, PROVIDERS, _fastpeft_patch
+from .harness import PROVIDERS, _fastpeft_patch
+
+__all__ = ["LAYER_METHODS", "layer_host_us", "launcher_host_us"]
 
 FEATURES, RANK = 64, 8
+LAYER_METHODS = ("lora", "ia3")
 
 
 class _One(nn.Module):
@@ -53,8 +57,8 @@ def _layers(method: str, device: str) -> dict[str, nn.Module]:
 
 def layer_host_us(method: str, device: str = "cpu", rounds: int = 9, calls: int = 2000) -> dict[str, float]:
     """Median microseconds per layer call, per provider, providers interleaved round by round."""
-    if method not in METHODS:
-        raise ValueError(f"method {method!r}; expected one of {sorted(METHODS)}")
+    if method not in LAYER_METHODS:
+        raise ValueError(f"method {method!r}; expected one of {LAYER_METHODS}")
     layers = _layers(method, device)
     x = torch.randn(1, 1, FEATURES, device=device)
     times: dict[str, list[float]] = {p: [] for p in PROVIDERS}
@@ -133,7 +137,7 @@ def launcher_host_us(calls: int = 3000, rounds: int = 7) -> dict[str, float]:
 if __name__ == "__main__":  # python -m benchmarks.host
     torch.set_num_threads(1)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    for method in METHODS:
+    for method in LAYER_METHODS:
         us = layer_host_us(method, dev)
         print(f"{method} layer call at decode size, {dev}: " + ", ".join(f"{p} {v:.1f} us" for p, v in us.items()))
     print("launcher host work per call (kernel call stubbed out): " +

@@ -58,7 +58,7 @@ def test_interleaved(benchmark, bench, method, workload):
     timing = harness.Timing(harness.PROVIDERS)
     benchmark.group = f"{method} {workload} interleaved"
     benchmark.pedantic(bench.interleaved_round, args=(method, w, timing), rounds=bench.scale.rounds[w.mode])
-    summary = timing.summary(w.tokens_per_step)
+    summary = timing.summary(w.tokens_per_sample)
     benchmark.extra_info.update(summary, mode=w.mode, scale=bench.scale.name, device=bench.device)
     assert all(t > 0 for ts in timing.times.values() for t in ts)
 
@@ -98,7 +98,7 @@ def test_ia3_saves_no_more_than_peft(bench, workload):
     assert fast["saved_bytes"] <= peft["saved_bytes"]
 
 
-@pytest.mark.parametrize("workload", ["prefill", "train-p0"])
+@pytest.mark.parametrize("workload", ["prefill", "train-p0", "generate-B32-P64", "train-P20"])
 @pytest.mark.parametrize("method", METHODS)
 def test_parity(bench, method, workload):
     """Speedups are only meaningful where results match: fastpeft against PEFT on the benchmarked model, fp32."""
@@ -111,11 +111,72 @@ def test_parity(bench, method, workload):
 def test_host_time_per_layer(benchmark, bench, method):
     """Host time of one layer call at decode size per provider (``benchmarks/host.py``), in ``extra_info``: what
     bounds eager decode on a GPU. Recorded, not asserted (timings are the benchmark's, not a test's)."""
-    from benchmarks.host import layer_host_us
+    from benchmarks.host import LAYER_METHODS, layer_host_us
 
+    if method not in LAYER_METHODS:
+        pytest.skip(f"{method} adapts no layer")
     benchmark.group = f"{method} host time per layer"
     smoke = bench.scale.name != "full"
     us = benchmark.pedantic(layer_host_us, args=(method, bench.device), kwargs=dict(
         rounds=1 if smoke else 9, calls=20 if smoke else 2000), rounds=1)
     benchmark.extra_info.update({f"{p}_us": v for p, v in us.items()})
     assert all(v > 0 for v in us.values())
+
+
+# Prefix tuning: the generate-mode counters of benchmarks/generate.py, on every (B, P) case
+
+PREFIX_GENERATE = [w for w in harness.PREFIX_WORKLOADS if w.startswith("generate")]
+
+
+def _prefix(bench, workload) -> tuple[dict, dict, dict]:
+    return tuple(_counters(bench, "prefix", workload, p) for p in harness.PROVIDERS)
+
+
+@pytest.mark.parametrize("workload", PREFIX_GENERATE)
+def test_prefix_held_once(bench, workload):
+    """fastpeft holds one copy of the prefix (a [Hkv, P, D] key and value per layer, no broadcast view), PEFT one
+    per batch row; the base model none."""
+    base, peft, fast = _prefix(bench, workload)
+    assert base["prefix_bytes_held"] == 0 and fast["prefix_bytes_held"] > 0
+    assert fast["prefix_bytes_held"] == fast["prefix_tensor_bytes"]
+    assert peft["prefix_bytes_held"] == bench.workload(workload).batch * fast["prefix_bytes_held"]
+
+
+@pytest.mark.parametrize("workload", PREFIX_GENERATE)
+def test_prefix_cache_holds_real_tokens_only(bench, workload):
+    """After generate, fastpeft's KV cache is the base model's; PEFT's holds its prefix copies besides."""
+    base, peft, fast = _prefix(bench, workload)
+    assert fast["kv_cache_bytes"] == base["kv_cache_bytes"]
+    assert peft["kv_cache_bytes"] == base["kv_cache_bytes"] + peft["prefix_bytes_held"]
+
+
+@pytest.mark.parametrize("workload", PREFIX_GENERATE)
+def test_prefix_decode_copies_equal_base(bench, workload):
+    """A decode step of fastpeft copies what the base model's does (its cache update for the real tokens, op by
+    op, fastpeft's op inside included): nothing for the prefix. PEFT's cache update copies its prefix every step."""
+    base, peft, fast = _prefix(bench, workload)
+    assert fast["decode_copies"] == base["decode_copies"]
+    assert peft["decode_copy_bytes"] >= base["decode_copy_bytes"] + peft["decode_steps"] * peft["prefix_bytes_held"]
+
+
+@pytest.mark.parametrize("workload", PREFIX_GENERATE)
+def test_prefix_decode_ops(bench, workload):
+    """Inside the model's forward a fastpeft decode step dispatches the base model's ops (one fastpeft op for each
+    sdpa call); the whole step and the prefill never more than PEFT's."""
+    base, peft, fast = _prefix(bench, workload)
+    assert fast["decode_forward_ops"] == base["decode_forward_ops"]
+    assert fast["decode_step_ops"] <= peft["decode_step_ops"] and fast["prefill_ops"] <= peft["prefill_ops"]
+
+
+@pytest.mark.parametrize("workload", PREFIX_GENERATE)
+def test_prefix_generates_peft_tokens(bench, workload):
+    """Greedy generate: fastpeft's tokens are PEFT's."""
+    _, peft, fast = _prefix(bench, workload)
+    assert fast["generated_sha1"] == peft["generated_sha1"]
+
+
+def test_prefix_saves_no_more_than_peft(bench):
+    """Train step: what fastpeft keeps for backward (q, k, v, the one prefix copy, O and lse per layer) is no more
+    than PEFT's (its B prefix copies inside the concatenated keys and values, the probabilities)."""
+    _, peft, fast = _prefix(bench, "train-P20")
+    assert fast["saved_bytes"] <= peft["saved_bytes"]
