@@ -5,8 +5,9 @@ decode and prefill time ratios, host time per layer call, train-step saved bytes
 0.1, the fp32 copies of x a bf16 model saves -- and the figures derived from it, all from one run. Progress goes to
 stderr. Every number is measured here.
 
-Options: ``--method lora|ia3|all`` (default all), ``--scale smoke`` runs the tiny model (a check of this script),
-``--decode-rounds``, ``--train-steps``.
+Options: ``--method lora|ia3|prefix|all`` (default all), ``--scale smoke`` runs the tiny model (a check of this
+script), ``--decode-rounds`` (for prefix: interleaved generate calls per provider), ``--train-steps``. The prefix
+tables are ``benchmarks/prefix.py``'s: generate-mode counters and per-step decode times per (B, P).
 """
 
 from __future__ import annotations
@@ -177,7 +178,13 @@ def main(argv=None) -> int:
     log(f"device {bench.device}, scale {args.scale}")
     methods = list(harness.METHODS) if args.method == "all" else [args.method]
     for method in methods:
-        r = measure(bench, method, args.decode_rounds or (5 if full else 1), args.train_steps or (10 if full else 2))
+        rounds, steps = args.decode_rounds or (5 if full else 1), args.train_steps or (10 if full else 2)
+        if method == "prefix":
+            from benchmarks import prefix
+
+            print(prefix.render(bench, prefix.measure(bench, rounds, steps)) + "\n", flush=True)
+            continue
+        r = measure(bench, method, rounds, steps)
         print(render(bench, r) + "\n", flush=True)
     log("done")
     return 0
