@@ -108,22 +108,20 @@ def _scores(q, k, pk, mask, scaling, causal, softcap, window, bias, prefix_bias)
 
 
 def _fwd_torch(q, k, v, pk, pv, mask, scaling, causal, softcap, window, bias, prefix_bias):
-    """One softmax over the concatenated *scores* ``[s_p | s_r]`` (small: [B, H, Sq, P + Skv], never keys or
-    values): fewer aten calls than two partial softmaxes merged, which is what decode pays for (host time per
-    call dominates at Sq = 1). The prefix block is computed batch-folded and laid out next to the sequence block
-    by the concatenation itself."""
     b, h, sq, d = q.shape
     hkv, p = pk.shape[0], pk.shape[1]
     g = h // hkv
     s_r, s_p, _, _, _ = _scores(q, k, pk, mask, scaling, causal, softcap, window, bias, prefix_bias)
-    s = torch.cat([s_p.permute(1, 0, 2, 3, 4), s_r], dim=-1)  # [B, Hkv, G, Sq, P + Skv] fp32
-    lse = torch.logsumexp(s, dim=-1)
-    probs = torch.softmax(s, dim=-1)
-    if window:  # only a window can hide the prefix too: a row with every column hidden gives NaN, eager zeros
-        probs = probs.nan_to_num_(0.0)
-    probs = probs.to(q.dtype)
-    pp = probs[..., :p].permute(1, 0, 2, 3, 4).reshape(hkv, b * g * sq, p)  # the batch folded, for one bmm
-    out = torch.matmul(probs[..., p:].reshape(b, hkv, g * sq, -1), v)  # [B, Hkv, G Sq, D]
+    m = torch.maximum(s_r.amax(-1), s_p.amax(-1).transpose(0, 1))  # [B, Hkv, G, Sq]
+    m.masked_fill_(m == float("-inf"), 0.0)  # a row with every column hidden: exp gives 0, not NaN
+    e_r = s_r.sub_(m.unsqueeze(-1)).exp_()
+    e_p = s_p.sub_(m.transpose(0, 1).unsqueeze(-1)).exp_()
+    l = e_r.sum(-1).add_(e_p.sum(-1).transpose(0, 1))
+    lse = l.log().add_(m)
+    inv = torch.where(l > 0, l.reciprocal(), torch.zeros_like(l))
+    pr = e_r.mul_(inv.unsqueeze(-1)).to(q.dtype).view(b, hkv, g * sq, -1)
+    pp = e_p.mul_(inv.transpose(0, 1).unsqueeze(-1)).to(q.dtype).view(hkv, b * g * sq, p)
+    out = torch.matmul(pr, v)  # [B, Hkv, G Sq, D]
     out.add_(torch.bmm(pp, pv).view(hkv, b, g * sq, d).transpose(0, 1))
     return out.view(b, h, sq, d).transpose(1, 2).contiguous(), lse.view(b, h, sq)
 
