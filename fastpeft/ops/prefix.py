@@ -113,12 +113,15 @@ def _fwd_torch(q, k, v, pk, pv, mask, scaling, causal, softcap, window, bias, pr
     g = h // hkv
     s_r, s_p, _, _, _ = _scores(q, k, pk, mask, scaling, causal, softcap, window, bias, prefix_bias)
     m = torch.maximum(s_r.amax(-1), s_p.amax(-1).transpose(0, 1))  # [B, Hkv, G, Sq]
-    m.masked_fill_(m == float("-inf"), 0.0)  # a row with every column hidden: exp gives 0, not NaN
+    # every column of a row hidden: possible only where a window hides the prefix (the prefix is visible to every
+    # query otherwise); then exp gives 0, not NaN, and the row comes out as zeros, as in eager attention
+    if window:
+        m.masked_fill_(m == float("-inf"), 0.0)
     e_r = s_r.sub_(m.unsqueeze(-1)).exp_()
     e_p = s_p.sub_(m.transpose(0, 1).unsqueeze(-1)).exp_()
     l = e_r.sum(-1).add_(e_p.sum(-1).transpose(0, 1))
     lse = l.log().add_(m)
-    inv = torch.where(l > 0, l.reciprocal(), torch.zeros_like(l))
+    inv = torch.where(l > 0, l.reciprocal(), torch.zeros_like(l)) if window else l.reciprocal()
     pr = e_r.mul_(inv.unsqueeze(-1)).to(q.dtype).view(b, hkv, g * sq, -1)
     pp = e_p.mul_(inv.transpose(0, 1).unsqueeze(-1)).to(q.dtype).view(hkv, b * g * sq, p)
     out = torch.matmul(pr, v)  # [B, Hkv, G Sq, D]
