@@ -177,6 +177,11 @@ def _prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs):
     return model_kwargs
 
 
+def _generate_seq2seq(self, **kwargs):
+    """Keyword arguments only, as PEFT's seq2seq generate (a positional input_ids raises TypeError there too)."""
+    return _generate(self, **kwargs)
+
+
 def _generate(self, *args, **kwargs):
     state = self.__dict__["_fastpeft_soft_prompt"]
     cfg = self.active_peft_config
@@ -244,7 +249,8 @@ def patch_soft_prompt(model, backend: int) -> tuple[bool, str]:
                      "the prompt encoder cached in eval and per generate"}
     model.__dict__["_fastpeft_soft_prompt"] = state
     for name in _OVERRIDES[task]:
-        model.__dict__[name] = _IMPLS[name].__get__(model)
+        impl = _generate_seq2seq if (name, task) == ("generate", "seq2seq") else _IMPLS[name]
+        model.__dict__[name] = impl.__get__(model)
     return True, state["note"]
 
 

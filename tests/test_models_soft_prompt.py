@@ -304,3 +304,12 @@ def test_patch_after_disable_adapter():
         assert "fastpeft.soft_prompt_embed" in oc.names
         with pat.disable_adapter():
             assert torch.equal(pat(**x).logits, ref.get_base_model()(**x).logits)
+
+
+def test_seq2seq_generate_keywords_only():
+    """PEFT's seq2seq generate takes keyword arguments only (its own test suite checks the TypeError)."""
+    ref, pat = _pair("t5", "prompt", "MLP")
+    ids = inputs("t5", labels=False)["input_ids"]
+    for model in (ref, pat):
+        with pytest.raises(TypeError):
+            model.generate(ids)
