@@ -1,13 +1,13 @@
-"""Ahead-of-time compile of every shipped LoRA and IA3 kernel config for CUDA targets, with no GPU.
+"""Ahead-of-time compile of every shipped LoRA, IA3 and prefix-attention kernel config for CUDA targets, no GPU.
 
 Run as a script (``python tests/_aot.py --cc 80 90 -j 2``; ``flag_variants()`` only for the last cc). It must run
 without ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit`` returns interpreted functions that cannot be
 compiled), so tests call it in a subprocess with that variable removed. Prints one JSON object per (config, cc):
 ``{"id", "cc", "shared", "regs", "spill_stores", "spill_loads", "stack", "num_warps", "num_stages", "error"}``.
 
-Signatures come from the launchers themselves (``shipped_configs()`` plans each launch on meta tensors) and are
-specialized exactly as a launch would be (ints equal to 1 become constexprs, 16-divisible pointers and ints get
-``tt.divisibility``), so what compiles here is what a GPU launch compiles.
+Signatures come from the launchers themselves (each module's ``shipped_configs()`` plans its launches on meta
+tensors) and are specialized exactly as a launch would be (ints equal to 1 become constexprs, 16-divisible pointers
+and ints get ``tt.divisibility``), so what compiles here is what a GPU launch compiles.
 """
 
 from __future__ import annotations
@@ -82,7 +82,24 @@ def flag_variants() -> list:
         for spec in _plan_bwd(**{**args, **over})[0]:
             out.append((f"flags-{spec.name.removeprefix('lora_bwd_')}-{name}", spec))
     out.append(("flags-dropout-mask", _plan_mask(1, M, K, 0.1, "meta")[0]))
-    return out + _ia3_flag_variants()
+    return out + _ia3_flag_variants() + _prefix_flag_variants()
+
+
+def _prefix_flag_variants() -> list:
+    """Prefix attention's flag combinations beyond shipped_configs() (bf16, D 128, prefill and decode): the bool
+    mask, causal with no mask, and no optional feature at all; the tiles do not depend on the flags."""
+    import torch
+
+    from fastpeft.kernels.prefix_attention import _meta_specs
+
+    bare = dict(mask=None, bias=False, softcap=0.0, window=0)
+    variants = {"bool": dict(mask="bool"), "causal": dict(mask=None, causal=True), "bare": bare}
+    out = []
+    for name, over in variants.items():
+        for Sq, regime in ((2048, "prefill"), (1, "decode")):
+            out += [(f"flags-pa-{tag}-{name}-{regime}", spec)
+                    for tag, spec in _meta_specs(torch.bfloat16, 128, Sq, backward=Sq > 1, **over)]
+    return out
 
 
 def _ia3_flag_variants() -> list:
@@ -122,8 +139,9 @@ def _ia3_flag_variants() -> list:
 @functools.lru_cache(maxsize=1)
 def _specs() -> dict:
     from fastpeft.kernels.lora import shipped_configs
+    from fastpeft.kernels.prefix_attention import shipped_configs as prefix_shipped_configs
 
-    return dict(shipped_configs() + flag_variants())
+    return dict(shipped_configs() + prefix_shipped_configs() + flag_variants())
 
 
 def compile_one(job: tuple[str, int]) -> dict:

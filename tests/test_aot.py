@@ -1,10 +1,12 @@
-"""Every shipped LoRA and IA3 kernel config compiles for sm_80 and sm_90a, fits in shared memory, spills nothing.
+"""Every shipped LoRA, IA3 and prefix-attention kernel config compiles for sm_80 and sm_90a, fits in shared memory,
+spills nothing.
 
 No GPU needed: tests/_aot.py compiles each (kernel, config, dtypes, flags) that the launchers' heuristics can pick
-(``fastpeft.kernels.lora.shipped_configs()``) with ``triton.compile(ASTSource(...), target=GPUTarget(...))`` and
-runs Triton's bundled newest ptxas (``ptxas-blackwell``) with ``-v`` on the PTX. It runs in a subprocess without
-TRITON_INTERPRET (the interpreter replaces ``@triton.jit`` kernels with uncompilable ones), once per session; the
-per-config tests only read its results. Run with ``-s`` to see the register / shared-memory table.
+(``shipped_configs()`` of ``fastpeft.kernels.lora`` and ``fastpeft.kernels.prefix_attention``) with
+``triton.compile(ASTSource(...), target=GPUTarget(...))`` and runs Triton's bundled newest ptxas
+(``ptxas-blackwell``) with ``-v`` on the PTX. It runs in a subprocess without TRITON_INTERPRET (the interpreter
+replaces ``@triton.jit`` kernels with uncompilable ones), once per session; the per-config tests only read its
+results. Run with ``-s`` to see the register / shared-memory table.
 """
 
 import json
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from fastpeft.kernels import prefix_attention
 from fastpeft.kernels.lora import shipped_configs
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -36,7 +39,7 @@ def _ptxas_available() -> bool:
 
 pytestmark = pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend with ptxas-blackwell needed")
 
-IDS = [spec_id for spec_id, _ in shipped_configs()]
+IDS = [spec_id for spec_id, _ in shipped_configs() + prefix_attention.shipped_configs()]
 FLAG_IDS = [spec_id for spec_id, _ in _aot.flag_variants()]
 
 
@@ -102,3 +105,26 @@ def test_every_heuristic_choice_is_shipped():
         for M in (1, 16, 17, 4096):
             for name, c in zip(("ia3_fwd", "ia3_bwd_dx"), _common._ia3_config(M, x_dt)):
                 assert (name, c.num_warps, c.num_stages, c.BM, c.BN, c.BK) in shipped, (name, M, x_dt, c)
+
+
+def test_every_prefix_attention_choice_is_shipped():
+    """Every (kernel, tile, BD, dtype) the prefix-attention launchers can pick is in its shipped_configs()."""
+    import torch
+
+    pa = prefix_attention
+
+    def key(name, c, BD, dt):
+        return name, c.num_warps, c.num_stages, c.BM, c.BN, BD, dt
+
+    shipped = {(s.kernel.__name__, s.num_warps, s.num_stages, s.constexprs.get("BM"), s.constexprs.get("BN"),
+                s.constexprs["BD"], s.args.get("q_ptr", s.args["do_ptr"]).dtype) for _, s in pa.shipped_configs()}
+    for dt in (torch.float16, torch.bfloat16, torch.float32):
+        wide = dt == torch.float32
+        for D in (8, 16, 24, 40, 64, 80, 100, 128, 160, 256)[:8 if wide else 10]:
+            BD = pa._block_d(D)
+            for rows in (1, 4, 16, 17, 32, 33, 64, 65, 128, 4096):
+                c = pa._fwd_config(rows, BD, wide)
+                assert key("prefix_attention_fwd_kernel", c, BD, dt) in shipped, (rows, D, dt, c)
+            _, dkv, dq = pa._CONFIGS[(BD, wide)]
+            for name, c in (("prefix_attention_bwd_dkv_kernel", dkv), ("prefix_attention_bwd_dq_kernel", dq)):
+                assert key(name, c, BD, dt) in shipped, (name, D, dt)
