@@ -117,7 +117,8 @@ def test_every_prefix_attention_choice_is_shipped():
         return name, c.num_warps, c.num_stages, c.BM, c.BN, BD, dt
 
     shipped = {(s.kernel.__name__, s.num_warps, s.num_stages, s.constexprs.get("BM"), s.constexprs.get("BN"),
-                s.constexprs["BD"], s.args.get("q_ptr", s.args["do_ptr"]).dtype) for _, s in pa.shipped_configs()}
+                s.constexprs["BD"], s.args["q_ptr" if "q_ptr" in s.args else "do_ptr"].dtype)
+               for _, s in pa.shipped_configs()}
     for dt in (torch.float16, torch.bfloat16, torch.float32):
         wide = dt == torch.float32
         for D in (8, 16, 24, 40, 64, 80, 100, 128, 160, 256)[:8 if wide else 10]:
