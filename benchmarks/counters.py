@@ -1,6 +1,7 @@
 """The benchmark counters that need a model: ops of a step (``count_ops``, over fastpeft.testing's OpCounter), the
-same split at generate's steps with the bytes each copy op writes (``StepCounter``), and what autograd saves for
-backward (``SavedCounter``). Definitions: the ``benchmarks/harness.py`` module docstring."""
+same split at generate's steps with the bytes each copy op writes (``StepCounter``), the copies made before the
+model's forward (``count_inputs``: a soft prompt's input preparation), and what autograd saves for backward
+(``SavedCounter``). Definitions: the ``benchmarks/harness.py`` module docstring."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from torch.utils._pytree import tree_leaves
 
 from fastpeft.testing import OpCounter, excluded_op
 
-__all__ = ["count_ops", "COPY_OPS", "Segment", "StepCounter", "SavedCounter"]
+__all__ = ["count_ops", "count_inputs", "COPY_OPS", "Segment", "StepCounter", "SavedCounter"]
 
 
 def count_ops(fn: Callable[[], Any]) -> OpCounter:
@@ -37,7 +38,8 @@ COPY_OPS: dict[str, int | None] = {
 # fastpeft's custom ops -> (module, function): the implementation the op runs on CPU, called under the counter
 # so the aten ops (and copies) inside it are seen. The op itself still counts as one op in ``total``.
 _SEE_THROUGH = {"fastpeft.prefix_attention": ("fastpeft.ops.prefix", "_fwd"),
-                "fastpeft.prefix_attention_backward": ("fastpeft.ops.prefix", "_bwd_impl")}
+                "fastpeft.prefix_attention_backward": ("fastpeft.ops.prefix", "_bwd_impl"),
+                "fastpeft.soft_prompt_embed": ("fastpeft.ops.soft_prompt", "_fwd")}
 
 
 def _nbytes(tree) -> int:
@@ -75,6 +77,7 @@ class StepCounter(OpCounter):
         self.see_through = see_through
         self._inside = 0
         self._forward = 0
+        self.writes: list | None = None  # (op, tensor written) of every copy op outside ``watch``ed forwards
 
     def mark(self) -> None:
         self.segments.append(Segment())
@@ -117,9 +120,45 @@ class StepCounter(OpCounter):
             seg.forward_ops += bool(self._forward)
         if name in COPY_OPS:
             i = COPY_OPS[name]
-            written = _nbytes(out) if i is None else _nbytes(args[i] if i < len(args) else None)
-            seg.copies[f"inside:{name}" if self._inside else name] += written
+            dst = out if i is None else (args[i] if i < len(args) else None)
+            key = f"inside:{name}" if self._inside else name
+            seg.copies[key] += _nbytes(dst)
+            if self.writes is not None and not self._forward:
+                self.writes.append((key, dst))
         return out
+
+
+def count_inputs(model: nn.Module, fn: Callable[[], Any]) -> StepCounter:
+    """``fn()`` counted as ``count_ops`` counts it (fastpeft's ops seen through, still one op each), with
+    ``counter.inputs``: the copy ops that ran before the model's forward first started -- a PeftModel's task forward
+    building the model's inputs; nothing for a bare model, whose forward is the call -- in bytes written per op
+    (inside fastpeft's ops too), split by destination: ``input_embeds_writes`` into the ``inputs_embeds`` the model
+    receives (its storage: the output itself), ``input_copies`` anywhere else (a per-row copy of a prompt, a mask's
+    concatenation, an encoder's own stacking). ``input_embeds_bytes``: the size of that ``inputs_embeds``."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    counter, seen = StepCounter(), {}
+    counter.writes = []
+
+    def at_forward(module, args, kwargs):
+        if "writes" not in seen:
+            seen["writes"], seen["embeds"], counter.writes = counter.writes, kwargs.get("inputs_embeds"), None
+
+    hooks = [lm.register_forward_pre_hook(at_forward, with_kwargs=True), *counter.watch(lm)]
+    try:
+        with counter:
+            fn()
+    finally:
+        for h in hooks:
+            h.remove()
+    embeds = seen.get("embeds")
+    target = None if embeds is None else (embeds.device, embeds.untyped_storage().data_ptr())
+    into, other = collections.Counter(), collections.Counter()
+    for key, dst in seen.get("writes", []):  # the written tensors were kept alive: no storage address is reused
+        hit = isinstance(dst, torch.Tensor) and (dst.device, dst.untyped_storage().data_ptr()) == target
+        (into if hit else other)[key] += _nbytes(dst)
+    counter.inputs = {"input_copies": dict(other), "input_copy_bytes": sum(other.values()),
+                      "input_embeds_writes": dict(into), "input_embeds_bytes": _nbytes(embeds)}
+    return counter
 
 
 class SavedCounter:

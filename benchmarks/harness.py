@@ -2,17 +2,20 @@
 
 Vocabulary
 - method: an adapter method and the PEFT config it is benchmarked with (``register_method``), with the workloads
-  that apply to it. LoRA, IA3 and prefix tuning are registered here; a new method adds one ``Method`` and gets every
-  workload, provider and counter.
+  that apply to it. LoRA, IA3, prefix tuning, prompt tuning and P-tuning (MLP, LSTM) are registered here; a new
+  method adds one ``Method`` and gets every workload, provider and counter.
 - workload: a mode with its sizes, LoRA dropout, prefix length and model dtype (``Workload``), grouped per
   ``Scale``: "full" is the reference workload of the issues, "smoke" a tiny model for ``--benchmark-disable`` CI
   runs (the same workload names; the prefix workloads keep their B and P and shrink the model and the lengths).
 - provider: "base" (the model without adapters: the floor), "peft" (PEFT eager), "fastpeft" (a copy of the same
   PEFT model after ``fastpeft.patch(backend="auto")``: the fused torch path on CPU, the Triton kernels on CUDA).
+  For a method whose virtual tokens are input positions (``Method.prompt_in_input``: prompt tuning, P-tuning) the
+  base model runs on P + T tokens, the floor of a [prompt | tokens] input; one base runner serves all such methods.
 - mode: "decode" (one new token per step against a DynamicCache; teacher-forced tokens, so every provider runs the
   same inputs), "generate" (greedy ``model.generate`` of ``new_tokens`` tokens, timed per decode step inside it:
   the only decode loop that runs PEFT's prefix path; ``benchmarks/generate.py``), "prefill" (no-grad forward over
-  the prompt, last-position logits, as ``generate`` does), "train"
+  the prompt, last-position logits, as ``generate`` does), "forward" (an eval step: no-grad forward over B x T tokens
+  with an all-ones mask, every position's logits), "train"
   (zero_grad, forward with labels, backward, AdamW(foreach) step). The base provider's train step is frozen weights
   with gradients w.r.t. the input embeddings: backward through every layer's dX, the floor of adapter training.
 
@@ -38,18 +41,24 @@ Counters (recorded in each case's ``benchmark.extra_info``; one step each, outsi
 - ``peak_mem_bytes`` (CUDA only): ``max_memory_allocated`` during the step minus the allocation before it.
 - ``generate_ops`` (decode only): ops per token inside ``model.generate`` (greedy; the difference between
   generating 3 and 2 new tokens): the model's decode ops plus generate's own, provider-independent bookkeeping.
+- ``input_copies`` (``prompt_in_input`` methods, forward and train modes): bytes written by copy ops before the
+  model's forward (PEFT's task forward building its inputs), by op, apart from those written into the
+  ``inputs_embeds`` the model receives (``input_embeds_writes``): ``benchmarks/counters.py::count_inputs``.
 - generate mode: ops of its prefill and of a decode step inside generate (and their parts inside the model's
   forward), bytes written by copy ops per decode step (cat, copy_, clone, index_copy...; inside fastpeft's ops
   too), prefix bytes held, KV-cache bytes after generate: ``benchmarks/generate.py`` module docstring.
 
 Timing: ``Bench.interleaved`` runs providers round-robin within a measurement, one step each in a rotating order,
 so machine drift hits all of them alike; ratios are medians of per-step paired ratios from the same run. In
-generate mode a step is one generate call and its samples are the decode steps inside it (paired by position).
+generate mode a step is one generate call and its samples are the decode steps inside it (paired by position);
+``Timing.calls`` keeps every step's whole time (a generate call with its prefill). ``runs=`` interleaves any set of
+runners, of several methods too (``benchmarks/soft_prompt.py``).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import os
 import statistics
@@ -63,17 +72,17 @@ from torch import nn
 
 from fastpeft.testing import OpCounter, excluded_op
 
-from .counters import SavedCounter, count_ops
+from .counters import SavedCounter, count_inputs, count_ops
+from .modes import MODES, Runner, _tokens, generate_ops, make_runner
 
 __all__ = [
     "PROVIDERS", "MODES", "LLAMA_LINEARS", "REFERENCE_MODEL", "SMOKE_MODEL", "Workload", "Scale", "SCALES",
-    "ADAPTER_WORKLOADS", "PREFIX_WORKLOADS", "Method", "METHODS", "register_method", "ProviderUnavailable", "Runner",
-    "Timing", "Bench", "OpCounter", "SavedCounter", "excluded_op", "count_ops", "generate_ops", "default_device",
-    "smoke_or_full", "parity_ok", "MiB",
+    "ADAPTER_WORKLOADS", "PREFIX_WORKLOADS", "SOFT_PROMPT_WORKLOADS", "Method", "METHODS", "register_method",
+    "ProviderUnavailable", "Runner", "Timing", "Bench", "OpCounter", "SavedCounter", "excluded_op", "count_ops",
+    "count_inputs", "generate_ops", "default_device", "smoke_or_full", "parity_ok", "MiB",
 ]
 
 PROVIDERS = ("base", "peft", "fastpeft")
-MODES = ("decode", "generate", "prefill", "train")
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MiB = 2**20
 
@@ -120,6 +129,7 @@ class Scale:
 
 ADAPTER_WORKLOADS = ("decode-B1", "decode-B8", "prefill", "train-p0", "train-p0.1", "train-bf16-p0.1")
 PREFIX_WORKLOADS = ("generate-B8-P20", "generate-B32-P20", "generate-B8-P64", "generate-B32-P64", "train-P20")
+SOFT_PROMPT_WORKLOADS = ("forward-B8-P20", "generate-B8-P20", "train-P20")  # the soft-prompt issue's B=8 T=64 P=20
 
 
 def _workloads(prompt: int, batch: int, seq: int, gen_prompt: int, new_tokens: int) -> dict[str, Workload]:
@@ -134,19 +144,20 @@ def _workloads(prompt: int, batch: int, seq: int, gen_prompt: int, new_tokens: i
         *(Workload(f"generate-B{b}-P{p}", "generate", b, gen_prompt, prefix=p, new_tokens=new_tokens)
           for p in (20, 64) for b in (8, 32)),
         Workload("train-P20", "train", 8, gen_prompt, prefix=20),
+        Workload("forward-B8-P20", "forward", 8, gen_prompt, prefix=20),  # soft prompts: an eval step
     ]
     return {w.name: w for w in ws}
 
 
 SCALES = {
     "full": Scale("full", REFERENCE_MODEL, _workloads(prompt=32, batch=4, seq=256, gen_prompt=64, new_tokens=32),
-                  steps={"decode": 32, "generate": 1, "prefill": 7, "train": 5},
-                  rounds={"decode": 4, "generate": 3, "prefill": 1, "train": 1},
-                  bench_rounds={"decode": 32, "generate": 3, "prefill": 5, "train": 3}),
+                  steps={"decode": 32, "generate": 1, "prefill": 7, "forward": 7, "train": 5},
+                  rounds={"decode": 4, "generate": 3, "prefill": 1, "forward": 1, "train": 1},
+                  bench_rounds={"decode": 32, "generate": 3, "prefill": 5, "forward": 5, "train": 3}),
     "smoke": Scale("smoke", SMOKE_MODEL, _workloads(prompt=8, batch=2, seq=16, gen_prompt=8, new_tokens=4),
-                   steps={"decode": 2, "generate": 1, "prefill": 1, "train": 1},
-                   rounds={"decode": 1, "generate": 1, "prefill": 1, "train": 1},
-                   bench_rounds={"decode": 1, "generate": 1, "prefill": 1, "train": 1}),
+                   steps={"decode": 2, "generate": 1, "prefill": 1, "forward": 1, "train": 1},
+                   rounds={"decode": 1, "generate": 1, "prefill": 1, "forward": 1, "train": 1},
+                   bench_rounds={"decode": 1, "generate": 1, "prefill": 1, "forward": 1, "train": 1}),
 }
 
 
@@ -158,6 +169,7 @@ class Method:
     name: str
     config: Callable[[Workload], Any]  # workload -> PEFT config (imports peft lazily)
     workloads: tuple[str, ...] | None = None  # the workload names that apply; None: all of them
+    prompt_in_input: bool = False  # virtual tokens are input positions: the base floor runs on P + T tokens
 
 
 METHODS: dict[str, Method] = {}
@@ -186,10 +198,22 @@ def _prefix_config(w: Workload):
     return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=w.prefix)  # no projection: PEFT's default
 
 
+def _soft_prompt_config(w: Workload, encoder: str | None = None):
+    from peft import PromptEncoderConfig, PromptTuningConfig
+
+    if encoder is None:  # prompt tuning, RANDOM init (PEFT's default)
+        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=w.prefix)
+    return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=w.prefix, encoder_hidden_size=512,
+                               encoder_reparameterization_type=encoder)  # 2 layers, dropout 0: PEFT's defaults
+
+
 register_method(Method("lora", _lora_config, workloads=ADAPTER_WORKLOADS))
 register_method(Method("ia3", _ia3_config, workloads=("decode-B1", "decode-B8", "prefill", "train-p0",
                                                       "train-bf16-p0.1")))  # PEFT's Llama defaults; no dropout
 register_method(Method("prefix", _prefix_config, workloads=PREFIX_WORKLOADS))  # sdpa base attention
+for _name, _encoder in (("prompt", None), ("ptuning-mlp", "MLP"), ("ptuning-lstm", "LSTM")):
+    register_method(Method(_name, functools.partial(_soft_prompt_config, encoder=_encoder),
+                           workloads=SOFT_PROMPT_WORKLOADS, prompt_in_input=True))
 
 
 # Models, providers and modes
@@ -209,33 +233,19 @@ def _sync(device: str) -> None:
 
 
 @dataclass
-class Runner:
-    """``prepare()`` builds fresh per-round state (inputs, a prefilled cache) untimed; ``step(state)`` is timed."""
-
-    model: nn.Module
-    prepare: Callable[[], Any]
-    step: Callable[[Any], Any]
-
-
-@dataclass
-class _DecodeState:
-    cache: Any
-    tokens: list  # [B, 1] token tensors, fed in turn
-    i: int = 0
-
-
-@dataclass
 class Timing:
     """Seconds per step for each provider; index i of every list comes from the same round-robin turn."""
 
     providers: tuple[str, ...]
     times: dict[str, list[float]] = field(default_factory=dict)
+    calls: dict[str, list[float]] = field(default_factory=dict)  # each step's whole time (generate: with prefill)
     warm: bool = False
     turns: int = 0  # round-robin turns so far: the next turn's rotation
 
     def __post_init__(self):
         for p in self.providers:
             self.times.setdefault(p, [])
+            self.calls.setdefault(p, [])
 
     def median(self, p: str) -> float:
         return statistics.median(self.times[p])
@@ -336,11 +346,21 @@ class Bench:
 
     # modes
 
+    def extra_tokens(self, method: str, w: Workload, provider: str) -> int:
+        """Input positions the provider runs beyond the workload's T: the base floor of a ``prompt_in_input``
+        method runs on P + T tokens."""
+        return w.prefix if provider == "base" and METHODS[method].prompt_in_input else 0
+
+    def _key(self, method: str, w: Workload, provider: str) -> tuple:
+        """A runner's (and its counters') key: every method's base provider on the same inputs is one runner."""
+        return (None if provider == "base" else method, w.name, provider, self.extra_tokens(method, w, provider))
+
     def runner(self, method: str, w: Workload, provider: str) -> Runner:
-        key = (method, w.name, provider)
+        key = self._key(method, w, provider)
         if key not in self._runners:
-            self._runners[key] = _make_runner(self.model(method, w, provider), w, self.device,
-                                              self.scale.steps["decode"] + self.scale.bench_rounds["decode"] + 4)
+            self._runners[key] = make_runner(self.model(method, w, provider), w, self.device,
+                                              self.scale.steps["decode"] + self.scale.bench_rounds["decode"] + 4,
+                                              extra_tokens=key[-1])
         return self._runners[key]
 
     def timed_step(self, run: Runner) -> Callable[[Any], Any]:
@@ -360,32 +380,37 @@ class Bench:
     def counters(self, method: str, w: Workload | str, provider: str) -> dict[str, Any]:
         """Every counter of one provider on one workload (measured once, then cached: they are deterministic)."""
         w = self.workload(w) if isinstance(w, str) else w
-        key = (method, w.name, provider)
+        key = self._key(method, w, provider)
         if key in self._counters:
             return self._counters[key]
         run = self.runner(method, w, provider)
         state = run.prepare()
         run.step(state)  # steady state: optimizer moments and lazy inits exist before counting
-        out: dict[str, Any] = {"mode": w.mode, "batch": w.batch, "seq": w.seq, "dropout": w.dropout,
+        seq = w.seq + key[-1]
+        count = count_ops
+        if METHODS[method].prompt_in_input and w.mode in ("forward", "train"):
+            count = functools.partial(count_inputs, run.model)
+        out: dict[str, Any] = {"mode": w.mode, "batch": w.batch, "seq": seq, "dropout": w.dropout,
                                "dtype": str(w.dtype).removeprefix("torch."), "device": self.device,
                                "scale": self.scale.name}
         if w.mode == "generate":
             from .generate import generate_counters
 
             out.update(prefix=w.prefix, new_tokens=w.new_tokens)
-            out.update(generate_counters(run.model, _tokens(run.model.config.vocab_size, w.batch, w.seq, self.device),
+            out.update(generate_counters(run.model, _tokens(run.model.config.vocab_size, w.batch, seq, self.device),
                                          w.new_tokens))
         elif w.mode == "train":
             saved = SavedCounter(run.model)
             with saved:
-                ops = count_ops(lambda: run.step(state))
+                ops = count(lambda: run.step(state))
             out.update(saved_bytes=saved.saved_bytes, saved_bytes_incl_params=saved.saved_bytes + saved.param_bytes,
                        saved_scalar_bytes=saved.scalar_bytes, saved_wide_x_bytes=saved.wide_x_bytes)
             saved.close()
         else:
-            ops = count_ops(lambda: run.step(state))
+            ops = count(lambda: run.step(state))
         if w.mode != "generate":
             out.update(ops=ops.total, bytes_touched=ops.bytes, op_histogram=dict(ops.ops.most_common()))
+            out.update(getattr(ops, "inputs", {}))
         if w.mode == "decode":
             out["generate_ops"] = generate_ops(run.model, w, self.device)
         if self.device.startswith("cuda"):
@@ -406,11 +431,13 @@ class Bench:
 
     # timing
 
-    def interleaved_round(self, method: str, w: Workload, timing: Timing, steps: int | None = None) -> Timing:
+    def interleaved_round(self, method: str | None, w: Workload, timing: Timing, steps: int | None = None,
+                          runs: dict[str, Runner] | None = None) -> Timing:
         """One round: every provider prepares (untimed), then ``steps`` turns, one step per provider per turn, the
         order rotated every turn. The first round also runs one untimed warm-up step per provider. A generate step
-        adds its decode steps' times, not its own."""
-        runs = {p: self.runner(method, w, p) for p in timing.providers}
+        adds its decode steps' times, not its own (``timing.calls`` gets its own). ``runs`` (label -> runner, the
+        labels ``timing.providers``) replaces the method's providers."""
+        runs = runs or {p: self.runner(method, w, p) for p in timing.providers}
         states = {p: runs[p].prepare() for p in timing.providers}
         if not timing.warm:
             for p in timing.providers:
@@ -425,18 +452,20 @@ class Bench:
                 t0 = time.perf_counter()
                 runs[p].step(states[p])
                 _sync(self.device)
+                timing.calls[p].append(time.perf_counter() - t0)
                 if w.mode == "generate":
                     timing.times[p].extend(states[p].token_times)
                 else:
-                    timing.times[p].append(time.perf_counter() - t0)
+                    timing.times[p].append(timing.calls[p][-1])
         return timing
 
-    def interleaved(self, method: str, w: Workload | str, providers: tuple[str, ...] = PROVIDERS,
-                    rounds: int | None = None, steps: int | None = None) -> Timing:
+    def interleaved(self, method: str | None, w: Workload | str, providers: tuple[str, ...] = PROVIDERS,
+                    rounds: int | None = None, steps: int | None = None,
+                    runs: dict[str, Runner] | None = None) -> Timing:
         w = self.workload(w) if isinstance(w, str) else w
-        timing = Timing(tuple(providers))
+        timing = Timing(tuple(runs or providers))
         for _ in range(rounds or self.scale.rounds[w.mode]):
-            self.interleaved_round(method, w, timing, steps)
+            self.interleaved_round(method, w, timing, steps, runs)
         return timing
 
     # parity
@@ -489,76 +518,6 @@ def _fastpeft_patch(model: nn.Module, device: str) -> nn.Module:
     if rep.fallback or not rep.fused:
         raise RuntimeError(f"fastpeft did not fuse every adapter layer; a benchmark would measure PEFT:\n{rep}")
     return model
-
-
-def _tokens(vocab: int, batch: int, seq: int, device: str, seed: int = 3) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab, (batch, seq), generator=gen).to(device)
-
-
-def _make_runner(model: nn.Module, w: Workload, device: str, decode_tokens: int) -> Runner:
-    vocab = model.config.vocab_size
-    if w.mode == "decode":
-        from transformers import DynamicCache
-
-        stream = _tokens(vocab, w.batch, decode_tokens, device, seed=4)
-        tokens = [t.contiguous() for t in stream.split(1, dim=1)]  # [B, 1] each, made once
-        prompt = _tokens(vocab, w.batch, w.seq, device)
-
-        def prepare():
-            cache = DynamicCache(config=model.config)
-            with torch.no_grad():
-                model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            return _DecodeState(cache, tokens)
-
-        def step(s: _DecodeState):
-            with torch.no_grad():
-                out = model(input_ids=s.tokens[s.i % len(s.tokens)], past_key_values=s.cache, use_cache=True)
-            s.i += 1
-            return out.logits
-
-        return Runner(model, prepare, step)
-
-    ids = _tokens(vocab, w.batch, w.seq, device)
-    if w.mode == "generate":
-        from .generate import generate_steps
-
-        return Runner(model, *generate_steps(model, ids, w.new_tokens, device))
-    if w.mode == "prefill":
-        def step(_):
-            with torch.no_grad():
-                return model(input_ids=ids, use_cache=True, logits_to_keep=1).logits
-
-        return Runner(model, lambda: None, step)
-
-    if w.mode == "train":
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-5, foreach=True) if params else None
-
-        def step(_):
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            if opt is not None:
-                opt.step()
-            return loss
-
-        return Runner(model, lambda: None, step)
-    raise ValueError(f"mode {w.mode!r}; expected one of {MODES}")
-
-
-def generate_ops(model: nn.Module, w: Workload, device: str) -> int:
-    """Ops per new token inside greedy ``generate()``: ops(3 new tokens) - ops(2 new tokens), same prompt."""
-    prompt = _tokens(model.config.vocab_size, w.batch, w.seq, device)
-
-    def run(n: int) -> int:
-        with torch.no_grad():
-            return count_ops(lambda: model.generate(
-                input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
-                do_sample=False, pad_token_id=0)).total
-
-    return run(3) - run(2)
 
 
 def smoke_or_full(benchmark_disabled: bool) -> str:
