@@ -5,9 +5,11 @@ decode and prefill time ratios, host time per layer call, train-step saved bytes
 0.1, the fp32 copies of x a bf16 model saves -- and the figures derived from it, all from one run. Progress goes to
 stderr. Every number is measured here.
 
-Options: ``--method lora|ia3|prefix|all`` (default all), ``--scale smoke`` runs the tiny model (a check of this
-script), ``--decode-rounds`` (for prefix: interleaved generate calls per provider), ``--train-steps``. The prefix
-tables are ``benchmarks/prefix.py``'s: generate-mode counters and per-step decode times per (B, P).
+Options: ``--method lora|ia3|prefix|prompt|ptuning-mlp|ptuning-lstm|all`` (default all), ``--scale smoke`` runs the
+tiny model (a check of this script), ``--decode-rounds`` (for prefix and the soft prompts: interleaved generate calls
+per provider), ``--train-steps``. The prefix tables are ``benchmarks/prefix.py``'s: generate-mode counters and
+per-step decode times per (B, P). Prompt tuning and both P-tuning heads are measured together, once, in
+``benchmarks/soft_prompt.py``'s tables (eval forward, generate, train step).
 """
 
 from __future__ import annotations
@@ -177,12 +179,21 @@ def main(argv=None) -> int:
     bench = harness.Bench(args.scale, log=log)
     log(f"device {bench.device}, scale {args.scale}")
     methods = list(harness.METHODS) if args.method == "all" else [args.method]
+    soft_done = False
     for method in methods:
         rounds, steps = args.decode_rounds or (5 if full else 1), args.train_steps or (10 if full else 2)
         if method == "prefix":
             from benchmarks import prefix
 
             print(prefix.render(bench, prefix.measure(bench, rounds, steps)) + "\n", flush=True)
+            continue
+        if harness.METHODS[method].prompt_in_input:
+            from benchmarks import soft_prompt
+
+            if not soft_done:
+                r = soft_prompt.measure(bench, rounds, 15 if full else 2, steps)
+                print(soft_prompt.render(bench, r) + "\n", flush=True)
+            soft_done = True
             continue
         r = measure(bench, method, rounds, steps)
         print(render(bench, r) + "\n", flush=True)
