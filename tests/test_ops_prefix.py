@@ -184,3 +184,14 @@ def test_opcheck():
     bargs = (torch.randn_like(out), q, k, v, pk, pv, out, lse) + args[5:12] + (True, True, True, TORCH)
     torch.library.opcheck(torch.ops.fastpeft.prefix_attention_backward.default, bargs,
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_auto_routes_wide_fp32_to_torch(monkeypatch):
+    """backend="auto" on a GPU sends fp32 head dims over 128 (no spill-free Triton tile) to the torch path."""
+    from fastpeft.ops import prefix as ops
+    from fastpeft.ops.linear import AUTO, TRITON
+
+    monkeypatch.setattr(ops, "_use_triton", lambda q, backend: True)
+    q = torch.empty(1, 1, 1, 256)
+    assert not ops._triton(q, AUTO) and ops._triton(q, TRITON)
+    assert ops._triton(q.to(torch.bfloat16), AUTO) and ops._triton(q[..., :128], AUTO)

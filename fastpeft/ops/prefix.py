@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .linear import AUTO, _functorch_level, _lib, _use_triton, direct_call
+from .linear import AUTO, TRITON, _functorch_level, _lib, _use_triton, direct_call
 
 _forward_ad = torch.autograd.forward_ad
 
@@ -176,9 +176,18 @@ def _bwd_torch(dout, q, k, v, pk, pv, out, lse, mask, scaling, causal, softcap, 
 # Op implementations
 
 
+def _triton(q, backend) -> bool:
+    """The Triton kernels where they are built for the head dim (fp32 up to 128, 16-bit up to 256: wider tiles
+    spill, kernels/prefix_attention.py); backend="auto" takes the torch path beyond, "triton" lets the launcher
+    say why not."""
+    if not _use_triton(q, backend):
+        return False
+    return backend == TRITON or q.shape[-1] <= (128 if q.dtype == torch.float32 else 256)
+
+
 def _fwd(q, k, v, pk, pv, mask, scaling, causal, softcap, window, bias, prefix_bias, backend):
     _check(q, k, v, pk, pv, mask)
-    if _use_triton(q, backend):
+    if _triton(q, backend):
         from fastpeft.kernels.prefix_attention import prefix_attention_fwd
 
         return prefix_attention_fwd(q, k, v, pk, pv, mask, scaling, causal, softcap, window, bias, prefix_bias)
@@ -187,7 +196,7 @@ def _fwd(q, k, v, pk, pv, mask, scaling, causal, softcap, window, bias, prefix_b
 
 def _bwd(dout, q, k, v, pk, pv, out, lse, mask, scaling, causal, softcap, window, bias, prefix_bias, need_dq,
          need_dkv, need_dprefix, backend):
-    if _use_triton(q, backend):
+    if _triton(q, backend):
         from fastpeft.kernels.prefix_attention import prefix_attention_bwd
 
         return prefix_attention_bwd(dout, q, k, v, pk, pv, out, lse, mask, scaling, causal, softcap, window, bias,
