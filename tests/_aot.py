@@ -1,4 +1,5 @@
-"""Ahead-of-time compile of every shipped LoRA, IA3 and prefix-attention kernel config for CUDA targets, no GPU.
+"""Ahead-of-time compile of every shipped kernel config (LoRA, IA3, prefix attention, soft prompt) for CUDA targets,
+no GPU.
 
 Run as a script (``python tests/_aot.py --cc 80 90 -j 2``; ``flag_variants()`` only for the last cc). It must run
 without ``TRITON_INTERPRET`` (under the interpreter ``@triton.jit`` returns interpreted functions that cannot be
@@ -140,8 +141,9 @@ def _ia3_flag_variants() -> list:
 def _specs() -> dict:
     from fastpeft.kernels.lora import shipped_configs
     from fastpeft.kernels.prefix_attention import shipped_configs as prefix_shipped_configs
+    from fastpeft.kernels.soft_prompt import shipped_configs as soft_prompt_shipped_configs
 
-    return dict(shipped_configs() + prefix_shipped_configs() + flag_variants())
+    return dict(shipped_configs() + prefix_shipped_configs() + soft_prompt_shipped_configs() + flag_variants())
 
 
 def compile_one(job: tuple[str, int]) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fastpeft.kernels import prefix_attention
+from fastpeft.kernels import prefix_attention, soft_prompt
 from fastpeft.kernels.lora import shipped_configs
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -39,7 +39,8 @@ def _ptxas_available() -> bool:
 
 pytestmark = pytest.mark.skipif(not _ptxas_available(), reason="Triton's NVIDIA backend with ptxas-blackwell needed")
 
-IDS = [spec_id for spec_id, _ in shipped_configs() + prefix_attention.shipped_configs()]
+IDS = [spec_id for spec_id, _ in shipped_configs() + prefix_attention.shipped_configs()
+       + soft_prompt.shipped_configs()]
 FLAG_IDS = [spec_id for spec_id, _ in _aot.flag_variants()]
 
 
