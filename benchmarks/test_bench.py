@@ -207,36 +207,41 @@ def _prompt_bytes(bench, workload) -> int:
 @pytest.mark.parametrize("method", SOFT)
 def test_soft_prompt_forward_ops(bench, method):
     """Eval forward: fastpeft runs the base model's ops on P + T tokens with its embedding lookup replaced by the
-    one soft-prompt op, plus the mask's pad (prompt tuning: base + 1, within the issue's + 2); P-tuning adds at most
-    the 4 ops of the encoder cache's validity check (base + 5: the + 2 target missed by that check). Always fewer
-    than PEFT's (its embedding, repeat, ones and two cats; P-tuning's encoder on every forward)."""
+    one soft-prompt op, plus the mask's pad (prompt tuning: base + 1, within the issue's + 2); P-tuning adds its
+    encoder's ops at batch 1, exactly the ones PEFT's forward adds (on CPU the encoder is not reused across
+    forwards, see test_soft_prompt_encoder_runs_once). Always fewer than PEFT's (its repeat, ones and two cats)."""
     base, peft, fast = _soft(bench, method, FORWARD)
     extra = soft_prompt.extra_ops(fast, base)
-    assert extra.get("fastpeft.soft_prompt_embed.default") == 1 and extra.get("aten.embedding.default") == -1
+    assert extra.get("fastpeft.soft_prompt_embed.default") == 1
     prompt = _counters(bench, SOFT[0], FORWARD, "fastpeft")
+    peft_prompt = _counters(bench, SOFT[0], FORWARD, "peft")
     assert prompt["ops"] <= base["ops"] + 2, soft_prompt.extra_ops(prompt, base)
-    assert fast["ops"] <= prompt["ops"] + 4, extra
+    # the encoder as PEFT runs it; + 1: fastpeft's prompt tuning reads the table as a view (no lookup op), while
+    # both P-tunings look their input embedding up
+    assert fast["ops"] - prompt["ops"] == peft["ops"] - peft_prompt["ops"] + (method != SOFT[0]), extra
     assert fast["ops"] < peft["ops"]
 
 
-def test_soft_prompt_encoder_cached(bench):
-    """Eval forward: fastpeft's P-tuning MLP and LSTM dispatch the same ops (no encoder op runs: the cached output
-    is used), while PEFT's differ by their encoders (the LSTM's is the larger)."""
-    mlp, lstm = (_counters(bench, m, FORWARD, "fastpeft") for m in SOFT[1:])
-    assert mlp["op_histogram"] == lstm["op_histogram"]
-    pmlp, plstm = (_counters(bench, m, FORWARD, "peft") for m in SOFT[1:])
-    assert plstm["ops"] > pmlp["ops"] > _counters(bench, SOFT[0], FORWARD, "peft")["ops"]
+def test_soft_prompt_encoder_runs_once(bench):
+    """Eval forward on CPU: the encoder runs once at batch 1 (fastpeft reuses it across forwards only on CUDA:
+    on CPU an exact validity check costs what the encoder does, fastpeft/soft_prompt.py); fastpeft's forward
+    dispatches fewer ops than PEFT's for every method (no repeat, no ones + cat), the encoders' own ops included."""
+    for method in SOFT:
+        fast, peft = (_counters(bench, method, FORWARD, who) for who in ("fastpeft", "peft"))
+        assert fast["ops"] < peft["ops"], method
+        assert "aten.repeat.default" not in fast["op_histogram"]
 
 
 @pytest.mark.parametrize("method", SOFT)
 def test_soft_prompt_no_row_copies(bench, method):
     """Eval forward: fastpeft writes every byte of the model's input embeddings once (the prompt's rows of it
-    included) and copies nothing else before the model but the cache check's few norms (under one prompt's bytes);
-    PEFT's ``repeat`` writes one prompt per row (B x P x D) before its ``cat`` writes the input."""
+    included), with no per-row prompt copy; PEFT's ``repeat`` writes one prompt per row (B x P x D) before its
+    ``cat`` writes the input."""
     base, peft, fast = _soft(bench, method, FORWARD)
     prompt = _prompt_bytes(bench, FORWARD)
     assert sum(fast["input_embeds_writes"].values()) == fast["input_embeds_bytes"] > 0
-    assert fast["input_copy_bytes"] < prompt
+    assert "aten.repeat" not in fast["input_copies"]
+    assert fast["input_copy_bytes"] < peft["input_copy_bytes"]  # the LSTM's own cat/stack run in both
     assert peft["input_copies"]["aten.repeat"] == bench.workload(FORWARD).batch * prompt
 
 

@@ -150,6 +150,25 @@ CHANGES = {"sgd-step": _optimizer(None), "fused-adamw-step": _optimizer(True), "
            "load_state_dict": _load_copy}
 
 
+@pytest.fixture
+def cache_on_cpu(monkeypatch):
+    """The cross-forward encoder cache runs on CUDA only (on CPU its exact check costs what the encoder does):
+    turned on for CPU tensors here, to test its invalidation where the tests run."""
+    import fastpeft.soft_prompt as sp
+
+    monkeypatch.setattr(sp, "CACHE_DEVICES", ("cuda", "cpu"))
+
+
+def test_no_cache_on_cpu():
+    _, pat = _pair("llama", "ptuning", "MLP")
+    calls = _encoder_calls(pat)
+    with torch.no_grad():
+        pat(**inputs("llama", labels=False))
+        pat(**inputs("llama", labels=False))
+    assert len(calls) == 2
+
+
+@pytest.mark.usefixtures("cache_on_cpu")
 @pytest.mark.parametrize("change", list(CHANGES))
 def test_cache_invalidation(change):
     """The cached P-tuning prompt is recomputed after every kind of parameter change, and only then."""
@@ -170,6 +189,7 @@ def test_cache_invalidation(change):
         assert_close(after, ref(**x).logits)
 
 
+@pytest.mark.usefixtures("cache_on_cpu")
 def test_cache_mode_and_adapters():
     """Train mode (encoder dropout) and a grad-enabled eval forward recompute; the cache is per adapter."""
     from peft import PromptEncoderConfig
