@@ -151,3 +151,20 @@ def prompt_model(family: str, kind: str = "prompt", p: int = 4, encoder: str = "
         cfg = PromptEncoderConfig(task_type=task, num_virtual_tokens=p, encoder_reparameterization_type=encoder,
                                   encoder_hidden_size=16, inference_mode=inference_mode)
     return _peft(base, cfg, seed)
+
+
+def patched_pair(build, *args, **kw):
+    """(PEFT model, patched model) from the same seeds; the patch must say nothing (no fallback warning)."""
+    import warnings
+
+    import fastpeft
+
+    ref, pat = build(*args, **kw), build(*args, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastpeft.patch(pat)
+    return ref, pat
+
+
+def grads(model) -> dict:
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}

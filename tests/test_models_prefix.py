@@ -7,7 +7,6 @@ none (PEFT refuses it); a KV cache of real tokens only; ``disable_adapter``, ``u
 
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import torch
 import fastpeft
 from fastpeft.testing import OpCounter, assert_close
 
-from prefix_models import DECODERS, FAMILIES, inputs, prefix_model
+from prefix_models import DECODERS, FAMILIES, grads, inputs, patched_pair, prefix_model
 
 PATCHED = [f for f in FAMILIES if f != "bloom"]
 ATTN = {f: ("eager",) if f == "gemma2" else ("eager", "sdpa") for f in PATCHED}  # Gemma2 has no sdpa
@@ -23,15 +22,7 @@ CASES = [pytest.param(f, a, id=f"{f}-{a}") for f in PATCHED for a in ATTN[f]]
 
 
 def _pair(family, **kw):
-    ref, pat = prefix_model(family, **kw), prefix_model(family, **kw)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a patched model says nothing
-        fastpeft.patch(pat)
-    return ref, pat
-
-
-def _grads(model):
-    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return patched_pair(prefix_model, family, **kw)
 
 
 def _check_train(ref, pat, x):
@@ -42,7 +33,7 @@ def _check_train(ref, pat, x):
     logits = "logits" if hasattr(out_r, "logits") else "start_logits"
     assert_close(getattr(out_p, logits), getattr(out_r, logits), name=logits)
     assert_close(out_p.loss, out_r.loss, name="loss")
-    g_r, g_p = _grads(ref), _grads(pat)
+    g_r, g_p = grads(ref), grads(pat)
     assert g_r.keys() == g_p.keys() and any("prompt_encoder" in n for n in g_r)
     for name in g_r:
         assert_close(g_p[name], g_r[name], name=name)
@@ -100,8 +91,8 @@ def test_feature_extraction():
     assert_close(h_p, h_r, name="last_hidden_state")
     h_r.square().mean().backward()
     h_p.square().mean().backward()
-    for name, g in _grads(ref).items():
-        assert_close(_grads(pat)[name], g, name=name)
+    for name, g in grads(ref).items():
+        assert_close(grads(pat)[name], g, name=name)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "t5", "bert"])
@@ -264,7 +255,7 @@ def test_t5_layer_layout():
     (4, 5) (not 2i, 2i+1): replayed, the gradients land on the same rows of the table."""
     ref, pat = _pair("t5", layers=4)
     _check_train(ref, pat, inputs("t5"))
-    grad = _grads(pat)["prompt_encoder.default.embedding.weight"].view(5, 8, 4, 8)  # [P, 2 * 4 layers, H, D]
+    grad = grads(pat)["prompt_encoder.default.embedding.weight"].view(5, 8, 4, 8)  # [P, 2 * 4 layers, H, D]
     used = [i for i in range(8) if grad[:, i].abs().sum() > 0]
     assert used == [0, 1, 4, 5]
 

@@ -16,7 +16,7 @@ import torch
 import fastpeft
 from fastpeft.testing import OpCounter, assert_close
 
-from prefix_models import inputs, prompt_model
+from prefix_models import grads, inputs, patched_pair, prompt_model
 
 KINDS = [pytest.param("prompt", "MLP", id="prompt"), pytest.param("ptuning", "MLP", id="ptuning-mlp"),
          pytest.param("ptuning", "LSTM", id="ptuning-lstm")]
@@ -24,15 +24,7 @@ FAMILIES = ["llama", "gpt2", "bloom", "opt", "gemma2", "t5", "bert", "roberta"]
 
 
 def _pair(family, kind, encoder, **kw):
-    ref, pat = prompt_model(family, kind, encoder=encoder, **kw), prompt_model(family, kind, encoder=encoder, **kw)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        fastpeft.patch(pat)
-    return ref, pat
-
-
-def _grads(model):
-    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return patched_pair(prompt_model, family, kind, encoder=encoder, **kw)
 
 
 def _train(ref, pat, x):
@@ -46,7 +38,7 @@ def _train(ref, pat, x):
     loss_p = out_p.loss if getattr(out_p, "loss", None) is not None else getattr(out_p, key).square().mean()
     assert_close(loss_p, loss_r, name="loss")
     loss_r.backward(), loss_p.backward()
-    g_r, g_p = _grads(ref), _grads(pat)
+    g_r, g_p = grads(ref), grads(pat)
     assert g_r.keys() == g_p.keys() and any("prompt_encoder" in n for n in g_r)
     for name in g_r:
         assert_close(g_p[name], g_r[name], name=name)
@@ -292,7 +284,7 @@ def test_real_minilm(minilm_path, monkeypatch, method):
     assert_close(h_p, h_r, name="last_hidden_state")
     h_r.square().mean().backward()
     h_p.square().mean().backward()
-    g_r, g_p = _grads(ref), _grads(pat)
+    g_r, g_p = grads(ref), grads(pat)
     assert g_r.keys() == g_p.keys() and g_r
     for name in g_r:
         assert_close(g_p[name], g_r[name], name=name)
