@@ -162,7 +162,7 @@ def _targets(base: nn.Module, encoder_decoder: bool) -> dict[int, int]:
         idx = getattr(m, "layer_idx", None)
         if not isinstance(idx, int) or not type(m).__name__.endswith("Attention"):
             continue
-        if getattr(m, "is_cross_attention", False) or name.endswith("EncDecAttention") or name.endswith("crossattention.self"):
+        if getattr(m, "is_cross_attention", False) or name.endswith(("EncDecAttention", "crossattention.self")):
             continue
         if encoder_decoder and not getattr(m, "is_decoder", False):
             continue

@@ -9,8 +9,8 @@ seq2seq and feature extraction) with PEFT's warnings, classification tasks exten
 T5 gets ``prompt[:P]`` of its 2P rows on the encoder side only, logits include the P virtual positions.
 
 The encoder (P-tuning's MLP or LSTM head) runs once per forward at batch 1, and once per ``generate``; on CUDA its
-output is also reused across eval forwards where no gradient is needed (``_PromptCache``, ``CACHE_DEVICES``). Prompt tuning and loaded (inference-mode)
-adapters have no encoder: the prompt is a view of the embedding table.
+output is also reused across eval forwards where no gradient is needed (``_PromptCache``, ``CACHE_DEVICES``).
+Prompt tuning and loaded (inference-mode) adapters have no encoder: the prompt is a view of the embedding table.
 
 ``generate``: the prompt is injected at prefill only, on transformers 5.23 and 5.24 alike (5.24 renamed the cache
 argument to ``cache``; PEFT 0.21.2 looks for ``past_key_values`` only and re-injects the prompt at every step).

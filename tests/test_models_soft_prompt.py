@@ -232,7 +232,8 @@ def test_disable_adapter_unpatch_save_load(tmp_path):
         from safetensors.torch import load_file
 
         a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("pat", "ref"))
-        assert a.keys() == b.keys() == {"prompt_embeddings"} and torch.equal(a["prompt_embeddings"], b["prompt_embeddings"])
+        assert a.keys() == b.keys() == {"prompt_embeddings"}
+        assert torch.equal(a["prompt_embeddings"], b["prompt_embeddings"])
         loaded_r = PeftModel.from_pretrained(base_model("gpt2"), tmp_path / "ref").eval()
         loaded_p = fastpeft.patch(PeftModel.from_pretrained(base_model("gpt2"), tmp_path / "ref").eval())
         assert_close(loaded_p(**x).logits, loaded_r(**x).logits)

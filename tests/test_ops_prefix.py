@@ -91,8 +91,8 @@ def test_parity_fp32(b, h, hkv, sq, skv, p, d, feats):
     tensors, kw = make_case(b, h, hkv, sq, skv, p, d, feats)
     dout = torch.randn(b, sq, h, d, generator=torch.Generator().manual_seed(1))
     got = _run(lambda *a, **k: prefix_attention(*a, **k, backend=TORCH), tensors, kw, dout)
-    exp = _run(prefix_attention_ref, tuple(t.detach().double().requires_grad_() for t in tensors), _as(kw, torch.float64),
-               dout.double())
+    exp = _run(prefix_attention_ref, tuple(t.detach().double().requires_grad_() for t in tensors),
+               _as(kw, torch.float64), dout.double())
     (got, hidden), (exp, hidden_exp) = _finite_lse(got), _finite_lse(exp)
     assert torch.equal(hidden, hidden_exp)
     for name, a, e in zip(NAMES, got, exp):

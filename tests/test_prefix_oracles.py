@@ -62,7 +62,8 @@ def test_generate_equals_cache_free_loop(family, kw):
     assert torch.equal(out, expected)
 
 
-@pytest.mark.skipif(Version(transformers.__version__) >= Version("5.24"), reason="PEFT 0.21.2's prefix generate is broken on 5.24")
+@pytest.mark.skipif(Version(transformers.__version__) >= Version("5.24"),
+                    reason="PEFT 0.21.2's prefix generate is broken on 5.24")
 @pytest.mark.parametrize("family", ["llama", "t5"])
 def test_loop_is_peft_generate(family):
     """The loop is a faithful oracle: on the pinned transformers it equals PEFT's own generate."""
