@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import inspect
 import warnings
 
 import torch
@@ -38,6 +37,7 @@ from torch import nn
 
 from .common import calls_watched, observed
 from .ops.prefix import prefix_attention
+from .task_overrides import TASKS, bind, install, past_length, uninstall
 
 __all__ = ["FAMILIES", "PrefixKV", "patch_prefix", "unpatch_prefix"]
 
@@ -47,9 +47,6 @@ KWARG = "fastpeft_prefix"
 FAMILIES = {"llama": "arange", "qwen2": "arange", "mistral": "arange", "gemma": "arange", "gemma2": "arange",
             "phi3": "arange", "gpt_neox": "arange", "gpt2": "arange", "opt": "opt", "bert": "arange",
             "roberta": "roberta", "t5": None}
-_TASKS = {"PeftModelForCausalLM": "causal", "PeftModelForSeq2SeqLM": "seq2seq",
-          "PeftModelForSequenceClassification": "encoder", "PeftModelForTokenClassification": "encoder",
-          "PeftModelForQuestionAnswering": "encoder", "PeftModelForFeatureExtraction": "encoder"}
 
 
 class PrefixKV:
@@ -197,15 +194,6 @@ def _prefix(model, state) -> PrefixKV:
     return state["generating"] if state["generating"] is not None else build_prefix(model, state)
 
 
-def _past_length(kwargs) -> int:
-    cache = kwargs.get("past_key_values")
-    if cache is None:
-        cache = kwargs.get("cache")  # transformers 5.24 renamed the argument
-    if cache is None:
-        return 0
-    return cache.get_seq_length() if hasattr(cache, "get_seq_length") else cache[0][0].shape[-2]
-
-
 def _positions(kind: str | None, p: int, a: dict, pad_id: int | None) -> torch.Tensor | None:
     """Where the base model would put the real tokens behind a P-token cache (see the module docstring); None
     where it computes them itself without reference to the cache."""
@@ -213,7 +201,7 @@ def _positions(kind: str | None, p: int, a: dict, pad_id: int | None) -> torch.T
     ref = ids if ids is not None else embeds
     if kind is None or ref is None:
         return None
-    length, past = ref.shape[1], _past_length(a)
+    length, past = ref.shape[1], past_length(a)
     if kind == "roberta":  # from input_ids only: from inputs_embeds RoBERTa ignores the past (arange from pad + 1)
         if ids is None:
             return None
@@ -229,7 +217,7 @@ def _positions(kind: str | None, p: int, a: dict, pad_id: int | None) -> torch.T
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The PeftModel overrides (instance attributes: PEFT's disable_adapter swaps them out and back, peft_model.py:1040)
+# The PeftModel overrides (fastpeft/task_overrides.py)
 
 
 def _applicable(model, a: dict) -> bool:
@@ -238,19 +226,6 @@ def _applicable(model, a: dict) -> bool:
     cfg = model.active_peft_config
     # output_attentions: PEFT's weights carry the prefix columns; this path returns none
     return cfg.peft_type == PeftType.PREFIX_TUNING and not a.get("output_attentions")
-
-
-# Named parameters of a PEFT task forward that its prompt-learning branch never passes on: PEFT drops them
-# silently (QA: peft_model.py:2982-3051 names token_type_ids and position_ids, then calls the base without them).
-_DROPPED = {"PeftModelForQuestionAnswering": ("token_type_ids", "position_ids")}
-
-
-def _bind(model, sig: inspect.Signature, args, kwargs) -> dict:
-    a = dict(sig.bind(*args, **kwargs).arguments)
-    a.update(a.pop("kwargs", {}))
-    for name in _DROPPED.get(type(model).__name__, ()):
-        a.pop(name, None)
-    return a
 
 
 def _check_checkpointing(model) -> None:
@@ -273,7 +248,7 @@ def _check_checkpointing(model) -> None:
 
 def _forward(self, *args, **kwargs):
     state = self.__dict__["_fastpeft_prefix"]
-    a = _bind(self, state["signature"], args, kwargs)
+    a = bind(self, state, args, kwargs)
     if not _applicable(self, a):
         return state["peft"]["forward"](*args, **kwargs)
     a.pop("task_ids", None)
@@ -284,7 +259,7 @@ def _forward(self, *args, **kwargs):
         pos = _positions(state["positions"], prefix.length, a, self.get_base_model().config.pad_token_id)
         if pos is not None:
             a["position_ids"] = pos
-    prefix.past = _past_length(a)
+    prefix.past = past_length(a)
     a[KWARG] = prefix
     return self.base_model(**a)
 
@@ -300,7 +275,7 @@ def _prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs):
     if state["task"] == "causal":
         self._adjust_prompt_learning_kwargs(self.active_peft_config, kwargs=model_kwargs)
     prefix = model_kwargs[KWARG] = _prefix(self, state)
-    prefix.past = _past_length(model_kwargs)
+    prefix.past = past_length(model_kwargs)
     return model_kwargs
 
 
@@ -315,18 +290,17 @@ def _generate(self, *args, **kwargs):
         state["generating"] = None
 
 
-_OVERRIDES = {"causal": ("forward", "prepare_inputs_for_generation", "generate"),
-              "seq2seq": ("forward", "prepare_inputs_for_generation", "generate"), "encoder": ("forward",)}
-_IMPLS = {"forward": _forward, "prepare_inputs_for_generation": _prepare_inputs_for_generation, "generate": _generate}
+_GENERATE = {"forward": _forward, "prepare_inputs_for_generation": _prepare_inputs_for_generation, "generate": _generate}
+_OVERRIDES = {"causal": _GENERATE, "seq2seq": _GENERATE, "encoder": {"forward": _forward}}
 
 
 def _why_not(model) -> str | None:
     """Why this prefix-tuning model keeps PEFT's path (None: it is patched)."""
     base = model.get_base_model()
     cfg = base.config
-    task = _TASKS.get(type(model).__name__)
+    task = TASKS.get(type(model).__name__)
     if task is None:
-        return f"{type(model).__name__}: prefix tuning is patched for {sorted(_TASKS)}"
+        return f"{type(model).__name__}: prefix tuning is patched for {sorted(TASKS)}"
     if cfg.model_type == "bloom":
         return ("BLOOM's attention does not go through transformers' AttentionInterface (ALiBi hard-coded, kwargs "
                 "dropped by BloomModel): PEFT's prefix path runs")
@@ -358,30 +332,22 @@ def patch_prefix(model, backend: int) -> tuple[bool, str]:
                        f"0..{cfg.num_layers - 1}: PEFT's prefix path runs")
     orig = base.config._attn_implementation
     t5_bias = base.decoder.block[0].layer[0].SelfAttention if base.config.model_type == "t5" else None
-    task = _TASKS[type(model).__name__]
+    task = TASKS[type(model).__name__]
     state = {"task": task, "orig": orig, "targets": targets, "backend": backend, "t5_bias": t5_bias,
              "positions": FAMILIES[base.config.model_type], "generating": None,
-             "signature": inspect.signature(type(model).forward).replace(
-                 parameters=list(inspect.signature(type(model).forward).parameters.values())[1:]),
-             "peft": {name: getattr(model, name) for name in _OVERRIDES[task]},
              "note": f"prefix tuning: prefix read straight into attention ({len(targets)} layers, "
                      f"fastpeft_prefix_{orig}); the KV cache holds real tokens only"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base.set_attn_implementation(_register(orig))
-    model.__dict__["_fastpeft_prefix"] = state
-    for name in _OVERRIDES[task]:
-        impl = _IMPLS[name]
-        model.__dict__[name] = impl.__get__(model)
+    install(model, "_fastpeft_prefix", state, _OVERRIDES[task])
     return True, state["note"]
 
 
 def unpatch_prefix(model) -> None:
-    state = model.__dict__.pop("_fastpeft_prefix", None)
+    state = uninstall(model, "_fastpeft_prefix")
     if state is None:
         return
-    for name in _OVERRIDES[state["task"]]:
-        model.__dict__.pop(name, None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.get_base_model().set_attn_implementation(state["orig"])

@@ -26,7 +26,7 @@ from torch import nn
 
 from .common import calls_watched, observed
 from .ops.soft_prompt import soft_prompt_embed
-from .prefix import _TASKS, _bind, _past_length
+from .task_overrides import TASKS, bind, install, past_length, uninstall
 
 __all__ = ["patch_soft_prompt", "unpatch_soft_prompt"]
 
@@ -137,7 +137,7 @@ def _pad(t: torch.Tensor | None, p: int, value) -> torch.Tensor | None:
 
 def _forward(self, *args, **kwargs):
     state = self.__dict__["_fastpeft_soft_prompt"]
-    a = _bind(self, state["signature"], args, kwargs)
+    a = bind(self, state, args, kwargs)
     cfg = self.active_peft_config
     if cfg.peft_type.value not in _TYPES:
         return state["peft"]["forward"](*args, **kwargs)
@@ -173,7 +173,7 @@ def _prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs):
     if cfg.peft_type.value not in _TYPES or isinstance(mask, dict) or (mask is not None and mask.dim() != 2):
         return state["peft"]["prepare_inputs_for_generation"](*args, task_ids=task_ids, **kwargs)
     cache = _cache_of(model_kwargs)
-    past = 0 if cache is None else _past_length(model_kwargs)
+    past = 0 if cache is None else past_length(model_kwargs)
     ids = model_kwargs["input_ids"]
     if past >= ids.shape[1]:
         ids = model_kwargs["input_ids"] = ids[:, -1:]
@@ -230,9 +230,9 @@ def _seq2seq_generate(self, state, cfg, **kwargs):
         self.base_model.prepare_inputs_for_generation = self.base_model_prepare_inputs_for_generation
 
 
-_OVERRIDES = {"causal": ("forward", "prepare_inputs_for_generation", "generate"), "seq2seq": ("forward", "generate"),
-              "encoder": ("forward",)}
-_IMPLS = {"forward": _forward, "prepare_inputs_for_generation": _prepare_inputs_for_generation, "generate": _generate}
+_OVERRIDES = {"causal": {"forward": _forward, "prepare_inputs_for_generation": _prepare_inputs_for_generation,
+                         "generate": _generate},
+              "seq2seq": {"forward": _forward, "generate": _generate_seq2seq}, "encoder": {"forward": _forward}}
 
 
 def patch_soft_prompt(model, backend: int) -> tuple[bool, str]:
@@ -242,30 +242,19 @@ def patch_soft_prompt(model, backend: int) -> tuple[bool, str]:
     if state is not None:
         state["backend"] = backend
         return True, state["note"]
-    task = _TASKS.get(type(model).__name__)
+    task = TASKS.get(type(model).__name__)
     if task is None:
-        return False, f"{type(model).__name__}: soft prompts are patched for {sorted(_TASKS)}"
+        return False, f"{type(model).__name__}: soft prompts are patched for {sorted(TASKS)}"
     if _HOOK is None:
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         _HOOK = register_optimizer_step_post_hook(_count_step)
-    import inspect
-
-    params = list(inspect.signature(type(model).forward).parameters.values())[1:]
     state = {"task": task, "backend": backend, "generating": None, "cache": {},
-             "signature": inspect.Signature(params),
-             "peft": {name: getattr(model, name) for name in _OVERRIDES[task]},
-             "note": "soft prompt written straight into the input embeddings (fastpeft::soft_prompt_embed); "
-                     "the prompt encoder cached in eval and per generate"}
-    model.__dict__["_fastpeft_soft_prompt"] = state
-    for name in _OVERRIDES[task]:
-        impl = _generate_seq2seq if (name, task) == ("generate", "seq2seq") else _IMPLS[name]
-        model.__dict__[name] = impl.__get__(model)
+             "note": "soft prompt written straight into the input embeddings (fastpeft::soft_prompt_embed); the "
+                     "encoder run once per forward and per generate (reused across eval forwards on CUDA)"}
+    install(model, "_fastpeft_soft_prompt", state, _OVERRIDES[task])
     return True, state["note"]
 
 
 def unpatch_soft_prompt(model) -> None:
-    state = model.__dict__.pop("_fastpeft_soft_prompt", None)
-    if state is not None:
-        for name in _OVERRIDES[state["task"]]:
-            model.__dict__.pop(name, None)
+    uninstall(model, "_fastpeft_soft_prompt")
