@@ -168,3 +168,22 @@ def patched_pair(build, *args, **kw):
 
 def grads(model) -> dict:
     return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def generate_inputs(family: str) -> dict:
+    """``inputs`` for ``generate``: the ids and their (padded) mask only."""
+    x = inputs(family, labels=False)
+    return {k: x[k] for k in ("input_ids", "attention_mask")}
+
+
+def assert_same_generate(ref, pat, family: str, new: int = 6):
+    """Greedy generate on a padded batch: the same tokens and scores; returns both outputs."""
+    from fastpeft.testing import assert_close
+
+    kw = dict(max_new_tokens=new, do_sample=False, return_dict_in_generate=True, output_scores=True)
+    x = generate_inputs(family)
+    out_r, out_p = ref.generate(**x, **kw), pat.generate(**x, **kw)
+    assert torch.equal(out_p.sequences, out_r.sequences)
+    for s_p, s_r in zip(out_p.scores, out_r.scores):
+        assert_close(s_p, s_r, name="scores")
+    return out_r, out_p

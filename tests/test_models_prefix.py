@@ -14,7 +14,8 @@ import torch
 import fastpeft
 from fastpeft.testing import OpCounter, assert_close
 
-from prefix_models import DECODERS, FAMILIES, grads, inputs, patched_pair, prefix_model
+from prefix_models import (DECODERS, FAMILIES, assert_same_generate, generate_inputs, grads, inputs, patched_pair,
+                           prefix_model)
 
 PATCHED = [f for f in FAMILIES if f != "bloom"]
 ATTN = {f: ("eager",) if f == "gemma2" else ("eager", "sdpa") for f in PATCHED}  # Gemma2 has no sdpa
@@ -53,12 +54,7 @@ def test_train_parity(family, attn, projection):
 def test_generate_parity(family, attn):
     """Greedy generate with a padded batch: the same tokens and scores. The cache holds the real tokens only."""
     ref, pat = _pair(family, attn=attn, p=6)
-    x = {k: v for k, v in inputs(family, labels=False).items() if k in ("input_ids", "attention_mask")}
-    kw = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_scores=True)
-    out_r, out_p = ref.generate(**x, **kw), pat.generate(**x, **kw)
-    assert torch.equal(out_p.sequences, out_r.sequences)
-    for s_p, s_r in zip(out_p.scores, out_r.scores):
-        assert_close(s_p, s_r, name="scores")
+    out_r, out_p = assert_same_generate(ref, pat, family)
     cache_r, cache_p = out_r.past_key_values, out_p.past_key_values
     if family == "t5":
         cache_r, cache_p = cache_r.self_attention_cache, cache_p.self_attention_cache
@@ -73,7 +69,7 @@ def test_sliding_window(family):
     ref, pat = _pair(family, window=4)
     _check_train(ref, pat, inputs(family))
     ref.eval(), pat.eval()
-    x = {k: v for k, v in inputs(family, labels=False).items() if k in ("input_ids", "attention_mask")}
+    x = generate_inputs(family)
     out_r = ref.generate(**x, max_new_tokens=6, do_sample=False)
     assert torch.equal(pat.generate(**x, max_new_tokens=6, do_sample=False), out_r)
 
@@ -150,7 +146,7 @@ def test_save_and_load(tmp_path):
     loaded_r = PeftModel.from_pretrained(base_model("gpt2"), tmp_path / "ref").eval()
     loaded_p = fastpeft.patch(PeftModel.from_pretrained(base_model("gpt2"), tmp_path / "ref").eval())
     assert loaded_p.active_peft_config.inference_mode
-    x = {k: v for k, v in inputs("gpt2", labels=False).items() if k in ("input_ids", "attention_mask")}
+    x = generate_inputs("gpt2")
     assert_close(loaded_p(**x).logits, loaded_r(**x).logits)
     assert torch.equal(loaded_p.generate(**x, max_new_tokens=5, do_sample=False),
                        loaded_r.generate(**x, max_new_tokens=5, do_sample=False))
@@ -180,7 +176,7 @@ def test_static_cache_generate(family, kw):
     """A static cache holds real tokens only, so it works (PEFT's prefix generate raises on it: KeyError
     'cache_position'); the result equals PEFT's dynamic-cache generate."""
     ref, pat = _pair(family, **kw)
-    x = {k: v for k, v in inputs(family, labels=False).items() if k in ("input_ids", "attention_mask")}
+    x = generate_inputs(family)
     out = pat.generate(**x, max_new_tokens=6, do_sample=False, cache_implementation="static")
     assert torch.equal(out, ref.generate(**x, max_new_tokens=6, do_sample=False))
 
@@ -188,7 +184,7 @@ def test_static_cache_generate(family, kw):
 def test_compiled_generate():
     """A compiled forward (fullgraph: no graph break) over a static cache generates PEFT's tokens."""
     ref, pat = _pair("llama")
-    x = {k: v for k, v in inputs("llama", labels=False).items() if k in ("input_ids", "attention_mask")}
+    x = generate_inputs("llama")
     base = pat.get_base_model()
     torch._dynamo.reset()
     base.forward = torch.compile(base.forward, fullgraph=True, dynamic=False)

@@ -16,7 +16,7 @@ import torch
 import fastpeft
 from fastpeft.testing import OpCounter, assert_close
 
-from prefix_models import grads, inputs, patched_pair, prompt_model
+from prefix_models import assert_same_generate, generate_inputs, grads, inputs, patched_pair, prompt_model
 
 KINDS = [pytest.param("prompt", "MLP", id="prompt"), pytest.param("ptuning", "MLP", id="ptuning-mlp"),
          pytest.param("ptuning", "LSTM", id="ptuning-lstm")]
@@ -58,12 +58,7 @@ def test_train_parity(family, kind, encoder):
 @pytest.mark.parametrize("family", ["llama", "gpt2", "t5"])
 def test_generate_parity(family, kind, encoder):
     ref, pat = _pair(family, kind, encoder)
-    x = {k: v for k, v in inputs(family, labels=False).items() if k in ("input_ids", "attention_mask")}
-    kw = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_scores=True)
-    out_r, out_p = ref.generate(**x, **kw), pat.generate(**x, **kw)
-    assert torch.equal(out_p.sequences, out_r.sequences)
-    for s_p, s_r in zip(out_p.scores, out_r.scores):
-        assert_close(s_p, s_r, name="scores")
+    assert_same_generate(ref, pat, family)
 
 
 @pytest.mark.parametrize("task", ["SEQ_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"])
@@ -211,7 +206,7 @@ def test_generate_runs_encoder_once():
     _, pat = _pair("llama", "ptuning", "MLP")
     calls = _encoder_calls(pat)
     pat.prompt_encoder["default"].train()  # not cached across forwards: the generate call's own cache
-    x = {k: v for k, v in inputs("llama", labels=False).items() if k in ("input_ids", "attention_mask")}
+    x = generate_inputs("llama")
     pat.generate(**x, max_new_tokens=5, do_sample=False)
     assert len(calls) == 1
 

@@ -22,7 +22,7 @@ import fastpeft.prefix as fp
 from fastpeft.reference import prefix_attention_ref
 from fastpeft.testing import assert_close
 
-from prefix_models import inputs, prefix_model, prompt_model
+from prefix_models import generate_inputs, inputs, prefix_model, prompt_model
 
 NEW = 6
 
@@ -53,7 +53,7 @@ GEN = [("llama", {}), ("gpt2", {}), ("gemma2", {}), ("opt", {}), ("mistral", {"w
 @pytest.mark.parametrize("family,kw", GEN, ids=[f + ("-window" if k else "") for f, k in GEN])
 def test_generate_equals_cache_free_loop(family, kw):
     model = fastpeft.patch(prefix_model(family, p=6, **kw))
-    x = {k: v for k, v in inputs(family, labels=False).items() if k in ("input_ids", "attention_mask")}
+    x = generate_inputs(family)
     with torch.no_grad():
         expected = _loop(model, family, x)
     out = model.generate(**x, max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW)
@@ -68,7 +68,7 @@ def test_generate_equals_cache_free_loop(family, kw):
 def test_loop_is_peft_generate(family):
     """The loop is a faithful oracle: on the pinned transformers it equals PEFT's own generate."""
     model = prefix_model(family, p=6)
-    x = {k: v for k, v in inputs(family, labels=False).items() if k in ("input_ids", "attention_mask")}
+    x = generate_inputs(family)
     with torch.no_grad():
         expected = _loop(model, family, x)
     out = model.generate(**x, max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW)
@@ -119,7 +119,7 @@ def _prompt_loop(model, family, x):
 @pytest.mark.parametrize("family", ["llama", "gpt2", "t5"])
 def test_soft_prompt_generate_equals_cache_free_loop(family, kind, encoder):
     model = fastpeft.patch(prompt_model(family, kind, encoder=encoder))
-    x = {k: v for k, v in inputs(family, labels=False).items() if k in ("input_ids", "attention_mask")}
+    x = generate_inputs(family)
     with torch.no_grad():
         expected = _prompt_loop(model, family, x)
     out = model.generate(**x, max_new_tokens=NEW, do_sample=False, min_new_tokens=NEW)
