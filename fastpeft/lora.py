@@ -21,7 +21,7 @@ from torch import nn
 
 from .common import (any_autocast, autocast_dtype, calls_watched, check_base_layer, check_sub_layers, observed,
                      peft_forward)
-from .ops.linear import lora_linear, new_seed
+from .ops.linear import lora_linear, seed_for
 
 __all__ = ["check_lora_linear", "fused_lora_linear_forward"]
 
@@ -90,8 +90,8 @@ def fused_lora_linear_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.T
         name, p = active[0], ps[0]
         bp = lora_b[name]._parameters
         return lora_linear(x, weight, bias, lora_a[name]._parameters["weight"], bp["weight"], bp.get("bias"), None,
-                           d["scaling"][name], p, new_seed() if p > 0.0 else None, d["_fastpeft_weight_t"],
-                           d["_fastpeft_backend"])
+                           d["scaling"][name], p, seed_for(x, d["_fastpeft_backend"]) if p > 0.0 else None,
+                           d["_fastpeft_weight_t"], d["_fastpeft_backend"])
     if cast is None:
         return _fused(d, mods, active, ps, x, weight, bias, None)
     with torch.autocast(x.device.type, enabled=False):
@@ -109,7 +109,7 @@ def _fused(d, mods, active, ps, x, weight, bias, cast):
         b, lb = bp["weight"], bp.get("bias")
         if cast is not None:
             a, b, lb = a.to(cast), b.to(cast), None if lb is None else lb.to(cast)
-        seed = new_seed() if p > 0.0 else None
+        seed = seed_for(x, backend) if p > 0.0 else None
         if y is None:
             y = lora_linear(x, weight, bias, a, b, lb, None, scaling[name], p, seed, weight_t, backend)
         else:

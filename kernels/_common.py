@@ -15,7 +15,12 @@ from torch import Tensor
 
 from .adapted_linear import linear_fwd_kernel
 
-__all__ = ["TileConfig", "KernelSpec", "LaunchPlan", "PlanCache"]
+__all__ = ["TileConfig", "KernelSpec", "LaunchPlan", "PlanCache", "CostStep", "LAUNCH_OPTIONS"]
+
+# Compile options every launch passes. Triton 3.9 fuses a * b + c into FMAs by default and 3.10 stops doing so:
+# pinned here (and by tests/_aot.py, which compiles with these options) so that rounding and what the AOT test
+# checks cannot drift with Triton's default.
+LAUNCH_OPTIONS = dict(enable_fp_fusion=True)
 
 
 class TileConfig(NamedTuple):
@@ -24,6 +29,17 @@ class TileConfig(NamedTuple):
     BK: int  # the K step of the loop (fwd) or output columns (dx, da)
     num_warps: int
     num_stages: int
+
+
+class CostStep(NamedTuple):
+    """One launch of a plan as the cost model (benchmarks/cost_model.py) sees it: what it must compute and move."""
+    name: str  # "lora_shrink", "cublas_addmm", ...
+    engine: str  # "cublas" | "triton" | "torch"
+    flops: int  # 2 x multiply-adds of the math, counted once (``passes`` multiplies it for split precision)
+    rate: str  # what the flops run on: "bf16" (fp16 alike), "tf32", "fp32" (no tensor cores), "none"
+    passes: int  # MMA passes per product: 1, or 3 for tf32x3
+    dram_bytes: int  # each operand read once and each output written once
+    l2_bytes: int  # re-reads the grid makes beyond that (programs re-reading a shared operand), served from L2
 
 
 class KernelSpec(NamedTuple):
@@ -37,53 +53,27 @@ class KernelSpec(NamedTuple):
     grid: tuple
 
 
-# Keys: (decode: M <= 16, BR cap, wide: some dot operand is fp32). Bigger ranks get smaller tiles: the [BM, BR]
-# xa/g accumulator and the [BR, *] adapter tiles grow with R and would otherwise spill. Wide rows are small because
-# 3xTF32 holds split operands in registers and sm_80's mma.sync takes its A operand from registers. IA3 (no
-# low-rank epilogue) runs on the smallest-rank rows.
+# Keys: (decode: M <= 16, BR cap, wide: some dot operand is fp32). LoRA's fused kernel runs the decode rows only
+# (M > 16 is the split plan, lora_split.py); bigger ranks get smaller tiles: the [BM, BR] xa accumulator and the
+# [BR, *] adapter tiles grow with R and would otherwise spill. Wide rows are small because 3xTF32 holds split operands
+# in registers and sm_80's mma.sync takes its A operand from registers. IA3 runs on the rank-64 rows (no low-rank
+# epilogue), at decode and, when ia3_fwd is called directly with more rows, prefill.
 _FWD_CONFIGS: dict[tuple[bool, int, bool], TileConfig] = {
     (True, 64, False): TileConfig(16, 32, 128, 4, 4),
     (True, 128, False): TileConfig(16, 32, 64, 4, 3),
     (True, 256, False): TileConfig(16, 32, 32, 4, 3),
     (False, 64, False): TileConfig(128, 128, 32, 8, 4),
-    (False, 128, False): TileConfig(128, 64, 64, 8, 3),
-    (False, 256, False): TileConfig(64, 64, 64, 8, 2),
     (True, 64, True): TileConfig(16, 32, 64, 4, 4),
     (True, 128, True): TileConfig(16, 32, 32, 4, 3),
     (True, 256, True): TileConfig(16, 32, 32, 8, 2),
     (False, 64, True): TileConfig(32, 64, 32, 8, 3),
-    (False, 128, True): TileConfig(32, 64, 32, 8, 3),
-    (False, 256, True): TileConfig(16, 64, 32, 8, 2),
 }
-# dx: output tile [BM, BK], loop over N in steps of BN.
+# IA3's dx: output tile [BM, BK], loop over N in steps of BN.
 _BWD_DX_CONFIGS: dict[tuple[bool, int, bool], TileConfig] = {
     (True, 64, False): TileConfig(16, 128, 32, 4, 4),
-    (True, 128, False): TileConfig(16, 64, 32, 4, 3),
-    (True, 256, False): TileConfig(16, 32, 32, 4, 3),
     (False, 64, False): TileConfig(128, 64, 64, 8, 3),
-    (False, 128, False): TileConfig(128, 64, 64, 8, 3),
-    (False, 256, False): TileConfig(64, 64, 64, 8, 2),
     (True, 64, True): TileConfig(16, 64, 32, 4, 4),
-    (True, 128, True): TileConfig(16, 32, 32, 4, 3),
-    (True, 256, True): TileConfig(16, 32, 32, 4, 2),
     (False, 64, True): TileConfig(64, 32, 64, 8, 3),
-    (False, 128, True): TileConfig(32, 32, 64, 8, 3),
-    (False, 256, True): TileConfig(16, 32, 32, 4, 2),
-}
-# dw: da tiles [BR, BK] and db tiles [BN, BR], both looping over M in steps of BM.
-_BWD_DW_CONFIGS: dict[tuple[bool, int, bool], TileConfig] = {
-    (True, 64, False): TileConfig(16, 64, 64, 4, 3),
-    (True, 128, False): TileConfig(16, 64, 64, 4, 3),
-    (True, 256, False): TileConfig(16, 64, 64, 8, 2),
-    (False, 64, False): TileConfig(64, 64, 64, 4, 3),
-    (False, 128, False): TileConfig(64, 64, 64, 8, 3),
-    (False, 256, False): TileConfig(32, 64, 64, 8, 3),
-    (True, 64, True): TileConfig(16, 64, 64, 4, 3),
-    (True, 128, True): TileConfig(16, 64, 64, 4, 3),
-    (True, 256, True): TileConfig(16, 64, 64, 8, 2),
-    (False, 64, True): TileConfig(32, 64, 64, 4, 3),
-    (False, 128, True): TileConfig(32, 64, 64, 8, 3),
-    (False, 256, True): TileConfig(32, 32, 32, 8, 3),
 }
 _GROUP_M = 8  # programs sharing a weight column block run close together (L2 reuse of W)
 _MAX_RANK = 256
@@ -102,12 +92,6 @@ def _config_key(M: int, R: int, x_dtype: torch.dtype, a_dtype: torch.dtype) -> t
 
 def _fwd_config(M: int, N: int, K: int, R: int, x_dtype: torch.dtype, a_dtype: torch.dtype) -> TileConfig:
     return _FWD_CONFIGS[_config_key(M, R, x_dtype, a_dtype)]
-
-
-def _bwd_config(M: int, N: int, K: int, R: int, x_dtype: torch.dtype,
-                a_dtype: torch.dtype) -> tuple[TileConfig, TileConfig]:
-    key = _config_key(M, R, x_dtype, a_dtype)
-    return _BWD_DX_CONFIGS[key], _BWD_DW_CONFIGS[key]
 
 
 def _ia3_config(M: int, x_dtype: torch.dtype) -> tuple[TileConfig, TileConfig]:
@@ -188,7 +172,8 @@ class LaunchPlan(NamedTuple):
         if self.grid[0] == 0:
             return
         with _on_device(device):
-            self.kernel[self.grid](**self.static, **dynamic, num_warps=self.num_warps, num_stages=self.num_stages)
+            self.kernel[self.grid](**self.static, **dynamic, num_warps=self.num_warps, num_stages=self.num_stages,
+                                   **LAUNCH_OPTIONS)
 
 
 class PlanCache:
@@ -219,4 +204,5 @@ def _launch(spec: KernelSpec, device: torch.device) -> None:
     if spec.grid[0] == 0:
         return
     with _on_device(device):
-        spec.kernel[spec.grid](**spec.args, **spec.constexprs, num_warps=spec.num_warps, num_stages=spec.num_stages)
+        spec.kernel[spec.grid](**spec.args, **spec.constexprs, num_warps=spec.num_warps, num_stages=spec.num_stages,
+                               **LAUNCH_OPTIONS)

@@ -1,4 +1,5 @@
-"""The adapted-linear Triton kernels: one GEMM kernel family that LoRA and IA3 switch on with constexpr flags.
+"""The adapted-linear Triton kernels at decode sizes: one GEMV/GEMM family that LoRA and IA3 switch on with constexpr
+flags. (At M > 16 LoRA runs the split plan, ``lora_split.py``: cuBLAS for the base product.)
 
 Forward (``linear_fwd_kernel``), x [M, K], W [N, K] (or [K, N] read through strides), bias [N]:
 
@@ -7,10 +8,9 @@ Forward (``linear_fwd_kernel``), x [M, K], W [N, K] (or [K, N] read through stri
     IA3, SCALE_OUTPUT:   y = (x W^T + bias) * l[n]        the accumulator is scaled in the epilogue (STORE_BASE:
                                                           x W^T + bias is stored too, for the backward)
 
-Backward: ``linear_bwd_dx_kernel`` forms dx = dy W from one loop over N, plus what each adapter needs from that
-loop (LoRA: g = s * dy B and dx += keep / (1 - p) * g A; IA3: dy scaled by l[n] before the dot, or dx scaled by
-l[k] in the epilogue, and the dl partial sums); ``lora_bwd_dw_kernel`` forms LoRA's da = g^T drop(x) and
-db = s * dy^T xa. IA3's dl needs no second launch:
+LoRA's xa is formed by each program in a loop of its own before the base loop, then multiplied by its B tile in the
+epilogue (why apart: see the kernel). IA3's backward, ``linear_bwd_dx_kernel``: dx = dy W from one loop over N, dy
+scaled by l[n] before the dot or dx by l[k] in the epilogue, and dl without a second launch:
 
     SCALE_INPUT:   dl[k] = sum_m x[m, k] (dy W)[m, k]: each (M tile, K tile) program reduces its own fp32 dy W tile
                    over its rows before the l[k] scaling;
@@ -26,8 +26,9 @@ x's) and the scaled output gradient (dy * l rounded to dy's dtype) are rounded b
 product runs in the adapter dtype (drop(x) and xa rounded to A's dtype before their dots), as PEFT does.
 
 Dropout: keep[m, k] = uniform >= p from Philox4x32-10 keyed by seed at element (m, k), scaled by 1 / (1 - p); the
-stream (four elements per Philox counter, int64 counters) is defined in ``_dropout_keep``. The mask is regenerated
-from the seed in the backward, never stored.
+stream (four elements per Philox counter, int64 counters) is defined in ``_dropout_keep``, which every LoRA kernel
+(this one, the split plan's, the mask kernel) calls. The seed is read from a device tensor; the mask is regenerated
+from it in the backward, never stored.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["linear_fwd_kernel", "linear_bwd_dx_kernel", "lora_bwd_dw_kernel", "lora_dropout_mask_kernel"]
+__all__ = ["linear_fwd_kernel", "linear_bwd_dx_kernel", "lora_dropout_mask_kernel"]
 
 
 @triton.jit
@@ -81,13 +82,13 @@ def _scale_input(b_x, b_l):
     return b_xs.to(b_l.dtype).to(tl.float32).to(b_x.dtype)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def linear_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, lbias_ptr, res_ptr, l_ptr, y_ptr, xa_ptr, base_ptr,
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, lbias_ptr, res_ptr, l_ptr, y_ptr, xa_ptr, base_ptr, seed_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     stride_rm, stride_rn, stride_l, stride_ym, stride_yn, stride_xam, stride_xar,
-    scaling, p, drop_scale, seed,
+    scaling, p, drop_scale,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_LORA_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_XA: tl.constexpr, SCALE_INPUT: tl.constexpr,
@@ -105,28 +106,34 @@ def linear_fwd_kernel(
 
     p_x0 = x_ptr + o_m[:, None] * stride_xm  # [BM, 1]
     p_w0 = w_ptr + o_n[None, :] * stride_wn  # [1, BN]
-    b_acc = tl.zeros([BM, BN], dtype=tl.float32)
     if HAS_LORA:
+        # xa = drop(x) A^T in a loop of its own, before the base loop: sharing the base loop's x tile made Triton lay
+        # out every dot for the chained xa -> B product (warps along M: [4, 1], 4x redundant MMAs at BM = 16, shared
+        # memory traffic 1.7x); apart, the base GEMV gets the [1, 4] layout IA3's gets.
+        if HAS_DROPOUT:
+            seed = tl.load(seed_ptr)  # a device tensor: a captured CUDA graph replays with the seed its RNG op wrote
         p_a0 = a_ptr + o_r[None, :] * stride_ar  # [1, BR]
         b_xa = tl.zeros([BM, BR], dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        o_kk = k0 + o_k  # [BK]
-        m_k = o_kk < K
-        b_x = tl.load(p_x0 + o_kk[None, :] * stride_xk, mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
-        if SCALE_INPUT:
-            b_l = tl.load(l_ptr + o_kk * stride_l, mask=m_k, other=0.0)  # [BK], once per x tile
-            b_x = _scale_input(b_x, b_l)  # [BM, BK]
-        if HAS_BASE:
-            b_w = tl.load(p_w0 + o_kk[:, None] * stride_wk, mask=m_k[:, None] & m_n[None, :], other=0.0)  # [BK, BN]
-            b_acc = tl.dot(b_x, b_w, b_acc, input_precision=DOT_PREC)
-        if HAS_LORA:
+        for k0 in range(0, K, BK):
+            o_kk = k0 + o_k  # [BK]
+            m_k = o_kk < K
+            b_x = tl.load(p_x0 + o_kk[None, :] * stride_xk, mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
             if HAS_DROPOUT:
                 keep = _dropout_keep(seed, o_m, k0, K, p, BM, BK)  # [BM, BK]
-                b_xd = tl.where(keep, b_x.to(tl.float32) * drop_scale, 0.0).to(a_dtype)  # [BM, BK]
-            else:
-                b_xd = b_x.to(a_dtype)  # [BM, BK]
+                b_x = tl.where(keep, b_x.to(tl.float32) * drop_scale, 0.0)
             b_a = tl.load(p_a0 + o_kk[:, None] * stride_ak, mask=m_k[:, None] & m_r[None, :], other=0.0)  # [BK, BR]
-            b_xa = tl.dot(b_xd, b_a, b_xa, input_precision=DOT_PREC)
+            b_xa = tl.dot(b_x.to(a_dtype), b_a, b_xa, input_precision=DOT_PREC)
+    b_acc = tl.zeros([BM, BN], dtype=tl.float32)
+    if HAS_BASE:
+        for k0 in range(0, K, BK):
+            o_kk = k0 + o_k  # [BK]
+            m_k = o_kk < K
+            b_x = tl.load(p_x0 + o_kk[None, :] * stride_xk, mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
+            if SCALE_INPUT:
+                b_l = tl.load(l_ptr + o_kk * stride_l, mask=m_k, other=0.0)  # [BK], once per x tile
+                b_x = _scale_input(b_x, b_l)  # [BM, BK]
+            b_w = tl.load(p_w0 + o_kk[:, None] * stride_wk, mask=m_k[:, None] & m_n[None, :], other=0.0)  # [BK, BN]
+            b_acc = tl.dot(b_x, b_w, b_acc, input_precision=DOT_PREC)
 
     if HAS_LORA:
         b_xar = b_xa.to(a_dtype)  # [BM, BR] rounded to the adapter dtype, as PEFT does before the B product
@@ -155,68 +162,42 @@ def linear_fwd_kernel(
     tl.store(y_ptr + o_y, b_acc.to(y_ptr.dtype.element_ty), mask=m_y)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def linear_bwd_dx_kernel(
-    dy_ptr, w_ptr, a_ptr, b_ptr, l_ptr, s_ptr, dx_ptr, g_ptr, dl_ptr,
-    M, N, K, R,
-    stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
-    stride_l, stride_sm, stride_sc, stride_dxm, stride_dxk, stride_gm, stride_gr, stride_dlm,
-    scaling, p, drop_scale, seed,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
-    HAS_BASE: tl.constexpr, HAS_LORA: tl.constexpr, HAS_DROPOUT: tl.constexpr, NEED_DX: tl.constexpr,
-    STORE_G: tl.constexpr, SCALE_INPUT: tl.constexpr, SCALE_OUTPUT: tl.constexpr, STORE_DL: tl.constexpr,
-    DL_DIV: tl.constexpr, DOT_PREC: tl.constexpr,
+    dy_ptr, w_ptr, l_ptr, s_ptr, dx_ptr, dl_ptr,
+    M, N, K,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_l, stride_sm, stride_sc, stride_dxm, stride_dxk,
+    stride_dlm,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, NEED_DX: tl.constexpr,
+    SCALE_INPUT: tl.constexpr, SCALE_OUTPUT: tl.constexpr, STORE_DL: tl.constexpr, DL_DIV: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
-    # One loop over N feeds dy W (the base part of dx) and, for LoRA, dy B (g). The grid spans the K tiles when the
-    # dx tile is formed (for dx, or for input-scaling dl, which reduces dy W); otherwise it has one column of
-    # programs, which only accumulate g or the output-scaling dl. s is IA3's saved tensor: x [M, K] for input
-    # scaling, the base output (or y, DL_DIV) [M, N] for output scaling; dl partials are [cdiv(M, BM), K or N]
-    # with unit column stride, one row per M tile.
+    # IA3's backward at decode sizes: dx = dy W from one loop over N, with dy scaled by l[n] before the dot or dx by
+    # l[k] in the epilogue, and the dl partial sums. The grid spans the K tiles when the dx tile is formed (for dx,
+    # or for input-scaling dl, which reduces dy W); otherwise it has one column of programs, which only reduce the
+    # output-scaling dl. s is IA3's saved tensor: x [M, K] for input scaling, the base output (or y, DL_DIV)
+    # [M, N] for output scaling; dl partials are [cdiv(M, BM), K or N] with unit column stride, one row per M tile.
     FORM_DX: tl.constexpr = NEED_DX or (SCALE_INPUT and STORE_DL)
-    a_dtype = a_ptr.dtype.element_ty
     num_k = tl.cdiv(K, BK) if FORM_DX else 1
     i_m, i_k = _tile_ids(tl.cdiv(M, BM), num_k, GROUP_M)
     o_m = i_m * BM + tl.arange(0, BM)  # [BM] int64
     o_k = i_k * BK + tl.arange(0, BK)  # [BK] int64
     o_n = tl.arange(0, BN).to(tl.int64)  # [BN]
-    o_r = tl.arange(0, BR)  # [BR]
-    m_m, m_k, m_r = o_m < M, o_k < K, o_r < R
+    m_m, m_k = o_m < M, o_k < K
 
     p_dy0 = dy_ptr + o_m[:, None] * stride_dym  # [BM, 1]
     p_w0 = w_ptr + o_k[None, :] * stride_wk  # [1, BK]
     b_acc = tl.zeros([BM, BK], dtype=tl.float32)
-    if HAS_LORA:
-        p_b0 = b_ptr + o_r[None, :] * stride_br  # [1, BR]
-        b_g = tl.zeros([BM, BR], dtype=tl.float32)
-    for n0 in range(0, N, BN):
-        o_nn = n0 + o_n  # [BN]
-        m_n = o_nn < N
-        b_dy = tl.load(p_dy0 + o_nn[None, :] * stride_dyn, mask=m_m[:, None] & m_n[None, :], other=0.0)  # [BM, BN]
-        if SCALE_OUTPUT:
-            b_l = tl.load(l_ptr + o_nn * stride_l, mask=m_n, other=0.0).to(tl.float32)  # [BN], once per dy tile
-            b_dy = (b_dy.to(tl.float32) * b_l[None, :]).to(b_dy.dtype)  # [BM, BN] rounded, as PEFT's grad
-        if HAS_BASE:
-            if FORM_DX:
-                b_w = tl.load(p_w0 + o_nn[:, None] * stride_wn, mask=m_n[:, None] & m_k[None, :], other=0.0)  # [BN, BK]
-                b_acc = tl.dot(b_dy, b_w, b_acc, input_precision=DOT_PREC)
-        if HAS_LORA:
-            b_b = tl.load(p_b0 + o_nn[:, None] * stride_bn, mask=m_n[:, None] & m_r[None, :], other=0.0)  # [BN, BR]
-            b_g = tl.dot(b_dy.to(b_ptr.dtype.element_ty), b_b, b_g, input_precision=DOT_PREC)
-
-    if HAS_LORA:
-        b_g = b_g * scaling  # [BM, BR]
-        if STORE_G:
-            if i_k == 0:
-                p_g = g_ptr + o_m[:, None] * stride_gm + o_r[None, :] * stride_gr  # [BM, BR]
-                tl.store(p_g, b_g, mask=m_m[:, None] & m_r[None, :])
-        if NEED_DX:
-            p_a = a_ptr + o_r[:, None] * stride_ar + o_k[None, :] * stride_ak  # [BR, BK]
-            b_a = tl.load(p_a, mask=m_r[:, None] & m_k[None, :], other=0.0)  # [BR, BK]
-            b_gx = tl.dot(b_g.to(a_dtype), b_a, input_precision=DOT_PREC)  # [BM, BK]
-            if HAS_DROPOUT:
-                keep = _dropout_keep(seed, o_m, i_k * BK, K, p, BM, BK)  # [BM, BK]
-                b_gx = tl.where(keep, b_gx * drop_scale, 0.0)
-            b_acc += b_gx
+    if FORM_DX:
+        for n0 in range(0, N, BN):
+            o_nn = n0 + o_n  # [BN]
+            m_n = o_nn < N
+            b_dy = tl.load(p_dy0 + o_nn[None, :] * stride_dyn, mask=m_m[:, None] & m_n[None, :], other=0.0)
+            if SCALE_OUTPUT:
+                b_l = tl.load(l_ptr + o_nn * stride_l, mask=m_n, other=0.0).to(tl.float32)  # [BN], once per dy tile
+                b_dy = (b_dy.to(tl.float32) * b_l[None, :]).to(b_dy.dtype)  # [BM, BN] rounded, as PEFT's grad
+            b_w = tl.load(p_w0 + o_nn[:, None] * stride_wn, mask=m_n[:, None] & m_k[None, :], other=0.0)  # [BN, BK]
+            b_acc = tl.dot(b_dy, b_w, b_acc, input_precision=DOT_PREC)
     if SCALE_INPUT:
         b_l = tl.load(l_ptr + o_k * stride_l, mask=m_k, other=0.0)  # [BK], once per dx tile
         if STORE_DL:
@@ -244,77 +225,8 @@ def linear_bwd_dx_kernel(
 
 
 @triton.jit
-def _da_tile(i_k, x_ptr, g_ptr, da_ptr, M, K, R, stride_xm, stride_xk, stride_gm, stride_gr, stride_dar, stride_dak,
-             p, drop_scale, seed, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
-             HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr):
-    """da[:, k-block] = g^T drop(x), looping over all rows of M."""
-    da_dtype = da_ptr.dtype.element_ty
-    o_k = i_k * BK + tl.arange(0, BK)  # [BK] int64
-    o_m = tl.arange(0, BM).to(tl.int64)  # [BM]
-    o_r = tl.arange(0, BR)  # [BR]
-    m_k, m_r = o_k < K, o_r < R
-    p_x0 = x_ptr + o_k[None, :] * stride_xk  # [1, BK]
-    p_g0 = g_ptr + o_r[:, None] * stride_gr  # [BR, 1]
-    b_acc = tl.zeros([BR, BK], dtype=tl.float32)
-    for m0 in range(0, M, BM):
-        o_mm = m0 + o_m  # [BM]
-        m_m = o_mm < M
-        b_gt = tl.load(p_g0 + o_mm[None, :] * stride_gm, mask=m_r[:, None] & m_m[None, :], other=0.0)  # [BR, BM]
-        b_x = tl.load(p_x0 + o_mm[:, None] * stride_xm, mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, o_mm, i_k * BK, K, p, BM, BK)  # [BM, BK]
-            b_x = tl.where(keep, b_x.to(tl.float32) * drop_scale, 0.0)
-        b_acc = tl.dot(b_gt.to(da_dtype), b_x.to(da_dtype), b_acc, input_precision=DOT_PREC)
-    p_da = da_ptr + o_r[:, None] * stride_dar + o_k[None, :] * stride_dak  # [BR, BK]
-    tl.store(p_da, b_acc.to(da_dtype), mask=m_r[:, None] & m_k[None, :])
-
-
-@triton.jit
-def _db_tile(i_n, dy_ptr, xa_ptr, db_ptr, M, N, R, stride_dym, stride_dyn, stride_xam, stride_xar, stride_dbn,
-             stride_dbr, scaling, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, DOT_PREC: tl.constexpr):
-    """db[n-block, :] = s * dy^T xa, looping over all rows of M."""
-    db_dtype = db_ptr.dtype.element_ty
-    o_n = i_n * BN + tl.arange(0, BN)  # [BN] int64
-    o_m = tl.arange(0, BM).to(tl.int64)  # [BM]
-    o_r = tl.arange(0, BR)  # [BR]
-    m_n, m_r = o_n < N, o_r < R
-    p_dy0 = dy_ptr + o_n[:, None] * stride_dyn  # [BN, 1]
-    p_xa0 = xa_ptr + o_r[None, :] * stride_xar  # [1, BR]
-    b_acc = tl.zeros([BN, BR], dtype=tl.float32)
-    for m0 in range(0, M, BM):
-        o_mm = m0 + o_m  # [BM]
-        m_m = o_mm < M
-        b_dyt = tl.load(p_dy0 + o_mm[None, :] * stride_dym, mask=m_n[:, None] & m_m[None, :], other=0.0)  # [BN, BM]
-        b_xa = tl.load(p_xa0 + o_mm[:, None] * stride_xam, mask=m_m[:, None] & m_r[None, :], other=0.0)  # [BM, BR]
-        b_acc = tl.dot(b_dyt.to(db_dtype), b_xa.to(db_dtype), b_acc, input_precision=DOT_PREC)
-    p_db = db_ptr + o_n[:, None] * stride_dbn + o_r[None, :] * stride_dbr  # [BN, BR]
-    tl.store(p_db, (b_acc * scaling).to(db_dtype), mask=m_n[:, None] & m_r[None, :])
-
-
-@triton.jit(do_not_specialize=["seed"])
-def lora_bwd_dw_kernel(
-    x_ptr, g_ptr, dy_ptr, xa_ptr, da_ptr, db_ptr,
-    M, N, K, R, num_da,
-    stride_xm, stride_xk, stride_gm, stride_gr, stride_dym, stride_dyn, stride_xam, stride_xar,
-    stride_dar, stride_dak, stride_dbn, stride_dbr,
-    scaling, p, drop_scale, seed,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, NEED_DA: tl.constexpr, NEED_DB: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    # Programs [0, num_da) own one K-block of da each, the rest one N-block of db: deterministic, no atomics.
-    i_p = tl.program_id(0).to(tl.int64)
-    if NEED_DA:
-        if i_p < num_da:
-            _da_tile(i_p, x_ptr, g_ptr, da_ptr, M, K, R, stride_xm, stride_xk, stride_gm, stride_gr, stride_dar,
-                     stride_dak, p, drop_scale, seed, BM, BK, BR, HAS_DROPOUT, DOT_PREC)
-    if NEED_DB:
-        if i_p >= num_da:
-            _db_tile(i_p - num_da, dy_ptr, xa_ptr, db_ptr, M, N, R, stride_dym, stride_dyn, stride_xam, stride_xar,
-                     stride_dbn, stride_dbr, scaling, BM, BN, BR, DOT_PREC)
-
-
-@triton.jit(do_not_specialize=["seed"])
-def lora_dropout_mask_kernel(keep_ptr, M, K, p, seed, BM: tl.constexpr, BK: tl.constexpr):
+def lora_dropout_mask_kernel(keep_ptr, seed_ptr, M, K, p, BM: tl.constexpr, BK: tl.constexpr):
+    seed = tl.load(seed_ptr)
     o_m = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM)  # [BM]
     k0 = tl.program_id(1).to(tl.int64) * BK
     o_k = k0 + tl.arange(0, BK)  # [BK]

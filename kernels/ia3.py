@@ -29,9 +29,7 @@ __all__ = ["ia3_fwd", "ia3_bwd", "ia3_shipped_configs"]
 
 # the low-rank arguments of the shared kernels, unused with HAS_LORA=False
 _NO_LORA_FWD = dict(R=0, stride_ar=0, stride_ak=0, stride_bn=0, stride_br=0, stride_rm=0, stride_rn=0, stride_xam=0,
-                    stride_xar=0, scaling=1.0, p=0.0, drop_scale=1.0, seed=0)
-_NO_LORA_DX = dict(R=0, stride_ar=0, stride_ak=0, stride_bn=0, stride_br=0, stride_gm=0, stride_gr=0, scaling=1.0,
-                   p=0.0, drop_scale=1.0, seed=0)
+                    stride_xar=0, scaling=1.0, p=0.0, drop_scale=1.0)
 
 
 def _check_vector(l, features: int, scale_input: bool) -> None:
@@ -62,7 +60,7 @@ def _fwd_outputs(x, N: int, store_base: bool) -> tuple[Tensor, Tensor | None]:
 def _fwd_dynamic(x, weight, bias, l, y, base) -> dict:
     """The forward's per-call tensors (the low-rank ones, and absent ones, point at a harmless stand-in)."""
     return dict(x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else y, a_ptr=x, b_ptr=x, lbias_ptr=x,
-                res_ptr=y, l_ptr=l, y_ptr=y, xa_ptr=y, base_ptr=base if base is not None else y)
+                res_ptr=y, l_ptr=l, y_ptr=y, xa_ptr=y, base_ptr=base if base is not None else y, seed_ptr=y)
 
 
 def _bwd_outputs(dy, K: int, num_m: int, scale_input: bool, need_dx: bool, need_dl: bool):
@@ -73,8 +71,8 @@ def _bwd_outputs(dy, K: int, num_m: int, scale_input: bool, need_dx: bool, need_
 
 
 def _bwd_dynamic(dy, saved, weight, l, dx, part) -> dict:
-    return dict(dy_ptr=dy, w_ptr=weight, a_ptr=dy, b_ptr=dy, l_ptr=l, s_ptr=saved if part is not None else dy,
-                dx_ptr=dx if dx is not None else dy, g_ptr=dy, dl_ptr=part if part is not None else dy)
+    return dict(dy_ptr=dy, w_ptr=weight, l_ptr=l, s_ptr=saved if part is not None else dy,
+                dx_ptr=dx if dx is not None else dy, dl_ptr=part if part is not None else dy)
 
 
 # the names of the per-call arguments, read off the builders themselves (so the two cannot drift apart)
@@ -157,11 +155,11 @@ def _plan_ia3_bwd(dy, saved, weight, l, scale_input, weight_t, saved_is_base, ne
     args = dict(
         M=M, N=N, K=K, stride_dym=dy.stride(0), stride_dyn=dy.stride(1), stride_wn=stride_wn, stride_wk=stride_wk,
         stride_l=l.stride(0), stride_sm=s_in.stride(0), stride_sc=s_in.stride(1), stride_dxm=dx_out.stride(0),
-        stride_dxk=dx_out.stride(1), stride_dlm=part_out.stride(0), **_NO_LORA_DX, **dyn,
+        stride_dxk=dx_out.stride(1), stride_dlm=part_out.stride(0), **dyn,
     )
     constexprs = dict(
-        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BR=16, GROUP_M=_GROUP_M, HAS_BASE=True, HAS_LORA=False, HAS_DROPOUT=False,
-        NEED_DX=bool(need_dx), STORE_G=False, SCALE_INPUT=bool(scale_input), SCALE_OUTPUT=not scale_input,
+        BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, GROUP_M=_GROUP_M, NEED_DX=bool(need_dx), SCALE_INPUT=bool(scale_input),
+        SCALE_OUTPUT=not scale_input,
         STORE_DL=bool(need_dl), DL_DIV=bool(need_dl and not scale_input and not saved_is_base),
         DOT_PREC=_dot_precision(),
     )

@@ -57,32 +57,34 @@ def _signature(spec):
 
 def flag_variants() -> list:
     """(id, spec): the launches with each optional feature off in turn, which shipped_configs() (all features on)
-    does not compile: every constexpr branch of every kernel is compiled at least once. One config (prefill, rank
+    does not compile: every constexpr branch of every kernel is compiled at least once. One config per kernel (rank
     64, bf16 x with fp32 adapters: the most operand casts) is enough: the flags do not change the tiles."""
     import torch
 
-    from fastpeft.kernels.lora import _plan_bwd, _plan_fwd, _plan_mask
+    from fastpeft.kernels.lora import _plan_fwd, _plan_mask
+    from fastpeft.kernels.lora_split import _plan_expand, _plan_shrink
 
-    M, N, K, R = 4096, 4096, 4096, 64
+    M, N, K, R = 16, 4096, 4096, 64
     bf16, f32 = torch.bfloat16, torch.float32
-    x, w, bias, a, b, lb, res, xa = (torch.empty(shape, dtype=dt, device="meta") for shape, dt in (
+    x, w, bias, a, b, lb, res, seed = (torch.empty(shape, dtype=dt, device="meta") for shape, dt in (
         ((M, K), bf16), ((N, K), bf16), ((N,), bf16), ((R, K), f32), ((N, R), f32), ((N,), f32), ((M, N), bf16),
-        ((M, R), f32)))
+        ((), torch.int64)))
     full = dict(x=x, weight=w, bias=bias, lora_a=a, lora_b=b, lora_bias=lb, residual=res, scaling=2.0, dropout_p=0.1,
-                seed=1, weight_t=False, store_xa=True)
+                seed=seed, weight_t=False, store_xa=True)
     fwd = {"no-base": dict(weight=None, bias=None), "no-bias": dict(bias=None), "no-lora-bias": dict(lora_bias=None),
            "no-residual": dict(residual=None), "no-dropout": dict(dropout_p=0.0), "no-xa": dict(store_xa=False),
            "bare": dict(bias=None, lora_bias=None, residual=None, dropout_p=0.0)}
     out = [(f"flags-fwd-{name}", _plan_fwd(**{**full, **over})[0]) for name, over in fwd.items()]
-    bwd = {"no-base": dict(weight=None), "no-dropout": dict(dropout_p=0.0), "no-dx": dict(need_dx=False),
-           "no-da": dict(need_da=False), "no-db": dict(need_db=False), "only-dx": dict(need_da=False, need_db=False),
-           "only-da": dict(need_dx=False, need_db=False), "only-db": dict(need_dx=False, need_da=False)}
-    args = dict(dy=res, x=x, weight=w, lora_a=a, lora_b=b, xa=xa, scaling=2.0, dropout_p=0.1, seed=1, weight_t=False,
-                need_dx=True, need_da=True, need_db=True)
-    for name, over in bwd.items():
-        for spec in _plan_bwd(**{**args, **over})[0]:
-            out.append((f"flags-{spec.name.removeprefix('lora_bwd_')}-{name}", spec))
-    out.append(("flags-dropout-mask", _plan_mask(1, M, K, 0.1, "meta")[0]))
+    # the split kernels at a prefill shape: split_specs() has the shrink with dropout, the expand with bias alone and
+    # with dropout alone, both wgrad variants; here the rest
+    M = 4096
+    x, xa, res = (torch.empty(s, dtype=dt, device="meta") for s, dt in (((M, K), bf16), ((M, R), f32), ((M, N), bf16)))
+    out.append(("flags-shrink-no-dropout", _plan_shrink(x, a, 1.0, 0.0, None, f32, False)[0]))
+    expand = dict(xa=xa, b=b, lora_bias=lb, bias=bias, residual=res, scale=2.0, p=0.1, seed=seed, out_dtype=bf16,
+                  transposed=False)
+    for name, over in {"all": {}, "bare": dict(lora_bias=None, bias=None, residual=None, p=0.0)}.items():
+        out.append((f"flags-expand-{name}", _plan_expand(**{**expand, **over})))
+    out.append(("flags-dropout-mask", _plan_mask(seed, M, K, 0.1, "meta")[0]))
     return out + _ia3_flag_variants() + _prefix_flag_variants()
 
 
@@ -151,6 +153,8 @@ def compile_one(job: tuple[str, int]) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from fastpeft.kernels._common import LAUNCH_OPTIONS  # the options every launch passes
+
     spec_id, cc = job
     spec = _specs()[spec_id]
     out = dict(id=spec_id, cc=cc, num_warps=spec.num_warps, num_stages=spec.num_stages, error=None)
@@ -158,7 +162,7 @@ def compile_one(job: tuple[str, int]) -> dict:
         signature, constexprs, attrs = _signature(spec)
         compiled = triton.compile(
             ASTSource(spec.kernel, signature, constexprs, attrs), target=GPUTarget("cuda", cc, 32),
-            options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages, enable_fp_fusion=True))
+            options=dict(num_warps=spec.num_warps, num_stages=spec.num_stages, **LAUNCH_OPTIONS))
         out["shared"] = compiled.metadata.shared
         arch = "sm_90a" if cc == 90 else f"sm_{cc}"
         with tempfile.TemporaryDirectory() as tmp:

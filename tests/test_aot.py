@@ -87,25 +87,39 @@ def test_compiles_without_spills(aot_results, spec_id, cc):
     assert r["shared"] <= SHARED_LIMIT[cc], f"{spec_id} sm_{cc}: {r['shared']} B shared > {SHARED_LIMIT[cc]} B"
 
 
+def _tile(spec) -> tuple:
+    """What decides registers and shared memory beside the rank: kernel, warps, stages, tiles, the dot's dtype (the
+    rank's padded BR and the R chunk are compiled at each rank class's largest)."""
+    c, a = spec.constexprs, spec.args
+    dot = next(a[k] for k in ("a_ptr", "b_ptr", "ref_ptr", "x_ptr", "dy_ptr") if k in a)
+    return (spec.name, spec.num_warps, spec.num_stages, dot.dtype) + tuple(c.get(k) for k in ("BM", "BN", "BK", "BC"))
+
+
 def test_every_heuristic_choice_is_shipped():
-    """Every config the heuristics can return is in shipped_configs() (so the test above covers it)."""
+    """Every config the heuristics can return is in shipped_configs() (so the test above covers it): LoRA's fused
+    decode forward, every launch of the split plan (forward and backward) at prefill and decode row counts, IA3."""
     import torch
 
-    from fastpeft.kernels import _common, lora
+    from fastpeft.kernels import _common, lora, lora_split
 
-    shipped = {(s.name, s.num_warps, s.num_stages, s.constexprs["BM"], s.constexprs["BN"], s.constexprs["BK"])
-               for _, s in shipped_configs()}
-    for x_dt, a_dt in [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float32,) * 2]:
-        for M in (1, 16, 17, 4096):
-            for R in (1, 16, 64, 65, 128, 129, 256):
-                f = lora._fwd_config(M, 4096, 4096, R, x_dt, a_dt)
-                dx, dw = lora._bwd_config(M, 4096, 4096, R, x_dt, a_dt)
-                for name, c in (("lora_fwd", f), ("lora_bwd_dx", dx), ("lora_bwd_dw", dw)):
-                    assert (name, c.num_warps, c.num_stages, c.BM, c.BN, c.BK) in shipped, (name, M, R, c)
+    shipped = {_tile(s) for _, s in shipped_configs()}
+    meta = lambda *shape, dtype: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
+    for x_dt, a_dt in [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float32,) * 2,
+                       (torch.float16, torch.float16)]:
+        for R in (1, 16, 64, 65, 128, 129, 256):
+            for M in (1, 16):
+                x, w, a, b = meta(M, 4096, dtype=x_dt), meta(4096, 4096, dtype=x_dt), meta(R, 4096, dtype=a_dt), \
+                    meta(4096, R, dtype=a_dt)
+                spec = lora._plan_fwd(x, w, None, a, b, None, None, 1.0, 0.0, None, False, True)[0]
+                assert _tile(spec) in shipped, (M, R, x_dt, a_dt, _tile(spec))
+            for M in (1, 17, 4096, 100_000):
+                for spec, _ in lora_split.split_specs(M, 4096, 4096, R, x_dt, a_dt, 0.1, True):
+                    assert _tile(spec) in shipped, (M, R, x_dt, a_dt, _tile(spec))
     for x_dt in (torch.float16, torch.bfloat16, torch.float32):
         for M in (1, 16, 17, 4096):
             for name, c in zip(("ia3_fwd", "ia3_bwd_dx"), _common._ia3_config(M, x_dt)):
-                assert (name, c.num_warps, c.num_stages, c.BM, c.BN, c.BK) in shipped, (name, M, x_dt, c)
+                assert any(t[:3] == (name, c.num_warps, c.num_stages) and t[4:7] == (c.BM, c.BN, c.BK)
+                           for t in shipped), (name, M, x_dt, c)
 
 
 def test_every_prefix_attention_choice_is_shipped():

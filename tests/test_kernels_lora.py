@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from fastpeft.kernels import lora as lora_mod
+from fastpeft.kernels import lora_split
 from fastpeft.kernels.adapted_linear import _dropout_keep
 from fastpeft.kernels.lora import lora_bwd, lora_dropout_mask, lora_fwd
 from fastpeft.reference import lora_linear_ref
@@ -273,21 +274,29 @@ def test_validation(dev):
 
 
 def test_plan_cache_replays_checked_launches(dev):
-    """The second call with the same metadata replays the kept plan (no re-planning) with its own tensors and
-    runtime scalars, and still matches the reference; runtime scalars are still checked; other metadata (a residual,
-    a transposed weight) gets its own plan."""
-    fwd_plans, bwd_plans = lora_mod._FWD_PLANS.plans, lora_mod._BWD_PLANS.plans
-    fwd_plans.clear()
-    bwd_plans.clear()
-    _run_and_check(_case(dev, 20, 40, 24, 8, F32, F32, seed=1), scaling=0.5, p=0.1, seed=3)
-    assert (len(fwd_plans), len(bwd_plans)) == (1, 1)
-    _run_and_check(_case(dev, 20, 40, 24, 8, F32, F32, seed=2), scaling=2.0, p=0.3, seed=11)
-    assert (len(fwd_plans), len(bwd_plans)) == (1, 1), "same metadata was planned again"
+    """The second call with the same metadata replays the kept plans (no re-planning) with its own tensors and
+    runtime scalars, and still matches the reference; runtime scalars are still checked; other metadata (more rows,
+    a residual, a transposed weight) gets its own plans. Decode (M = 8) is the fused launch's plan, M = 20 and
+    every backward the split kernels' (lora_split)."""
+    caches = (lora_mod._FWD_PLANS, lora_split._SHRINK_PLANS, lora_split._EXPAND_PLANS, lora_split._WGRAD_PLANS)
+    for cache in caches:
+        cache.plans.clear()
+    sizes = lambda: tuple(len(cache.plans) for cache in caches)  # noqa: E731
+    _run_and_check(_case(dev, 8, 40, 24, 8, F32, F32, seed=1), scaling=0.5, p=0.1, seed=3)
+    decode = sizes()
+    assert decode == (1, 1, 1, 2), decode  # fused forward; backward: shrink(dy), expand(g A), wgrad for dA and dB
+    _run_and_check(_case(dev, 8, 40, 24, 8, F32, F32, seed=2), scaling=2.0, p=0.3, seed=11)
+    assert sizes() == decode, "same metadata was planned again"
+    _run_and_check(_case(dev, 20, 40, 24, 8, F32, F32, seed=3), scaling=0.5, p=0.1, seed=3)
+    split = sizes()
+    assert split[0] == 1 and all(s > d for s, d in zip(split[1:], decode[1:])), split
+    _run_and_check(_case(dev, 20, 40, 24, 8, F32, F32, seed=4), scaling=2.0, p=0.3, seed=11)
+    assert sizes() == split, "same metadata was planned again"
     c = _case(dev, 20, 40, 24, 8, F32, F32, seed=3)
     with pytest.raises(ValueError, match="seed must be in"):
         lora_fwd(c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], c["lora_bias"], None, 1.0, 0.1, -1)
     with pytest.raises(ValueError, match="dropout_p"):
         lora_fwd(c["x"], c["weight"], c["bias"], c["lora_a"], c["lora_b"], c["lora_bias"], None, 1.0, 1.0, 0)
-    _run_and_check(_case(dev, 20, 40, 24, 8, F32, F32, seed=4, residual=True), p=0.1)
-    _run_and_check(_case(dev, 20, 40, 24, 8, F32, F32, seed=5, weight_t=True), p=0.1)
-    assert len(fwd_plans) == 3
+    _run_and_check(_case(dev, 8, 40, 24, 8, F32, F32, seed=4, residual=True), p=0.1)
+    _run_and_check(_case(dev, 8, 40, 24, 8, F32, F32, seed=5, weight_t=True), p=0.1)
+    assert len(lora_mod._FWD_PLANS.plans) == 3

@@ -220,14 +220,14 @@ def test_dropout_exact_with_the_same_masks(family, monkeypatch):
     pm = lora_model(family, lora_dropout=p).train()
     fm = fused_copy(pm)
     seeds = []
-    real_new_seed = fastpeft.lora.new_seed
+    real_seed_for = fastpeft.lora.seed_for
 
-    def recording_new_seed():
-        s = real_new_seed()
+    def recording_seed_for(x, backend):
+        s = real_seed_for(x, backend)
         seeds.append(int(s))
         return s
 
-    monkeypatch.setattr(fastpeft.lora, "new_seed", recording_new_seed)
+    monkeypatch.setattr(fastpeft.lora, "seed_for", recording_seed_for)
     inputs = model_inputs(family)
     torch.manual_seed(0)
     actual = loss_logits_grads(fm, inputs)

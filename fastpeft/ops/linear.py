@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["AUTO", "TRITON", "TORCH", "BACKENDS", "MIN_CAPABILITY", "lora_linear", "keep_mask_torch", "keep_threshold",
-           "new_seed", "interpreter_active", "direct_call", "tensor_cores"]
+           "new_seed", "seed_for", "interpreter_active", "direct_call", "tensor_cores"]
 
 AUTO, TRITON, TORCH = 0, 1, 2
 BACKENDS = {"auto": AUTO, "triton": TRITON, "torch": TORCH}
@@ -53,10 +53,32 @@ _lib.define(
 )
 
 
-def new_seed() -> Tensor:
-    """A dropout seed drawn from torch's CPU generator: ``torch.manual_seed`` reproduces it, and gradient
-    checkpointing (which restores the RNG state before recompute) regenerates the same mask."""
-    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+def new_seed(device=None) -> Tensor:
+    """A dropout seed: an int64 scalar from torch's generator of ``device`` (the CPU's by default).
+
+    ``torch.manual_seed`` reproduces it, and gradient checkpointing (which restores the CPU and CUDA RNG states
+    before recompute) regenerates the same mask. On CUDA it is drawn on the GPU and the Triton kernels read it from
+    device memory (torch's philox seed + offset pattern): inside a captured CUDA graph, torch's graph-safe generator
+    advances on every replay, so each replay draws a new seed, and the kernels a new mask; no host sync either."""
+    return torch.randint(0, 2**31 - 1, (), dtype=torch.int64, device=device)
+
+
+def seed_for(x: Tensor, backend: int) -> Tensor:
+    """A new seed where the op will read it: on x's GPU for the Triton kernels, else on the CPU (the torch path
+    reads it on the host)."""
+    return new_seed(x.device if x.is_cuda and _use_triton(x, backend) else None)
+
+
+def _device_seed(seed: Tensor | None, x: Tensor) -> Tensor | None:
+    """The seed for the kernels: on x's device. A host seed would be copied at capture time and then frozen in a
+    CUDA graph (every replay the same mask), so under capture it is refused."""
+    if seed is None or seed.device == x.device:
+        return seed
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("fastpeft lora_linear: dropout under CUDA-graph capture needs its seed on the GPU, drawn "
+                           "inside the captured region (fastpeft.ops.linear.new_seed(x.device)); a CPU seed would "
+                           "freeze one mask for every replay")
+    return seed.to(x.device)
 
 
 _NUMPY_DTYPES = (torch.float32, torch.float16, torch.float64)
@@ -246,7 +268,6 @@ def _lora_fwd(x, weight, bias, a, b, lb, res, s, p, seed, weight_t, store_xa, ba
         if not 0.0 <= p < 1.0:
             raise ValueError(f"fastpeft lora_linear: dropout_p must be in [0, 1), got {p}")
         raise ValueError("fastpeft lora_linear: dropout_p > 0 needs a seed tensor (fastpeft.ops.linear.new_seed())")
-    seed_i = 0 if seed is None else int(seed)
     if backend != TORCH and (x.is_cuda or backend == TRITON) and _use_triton(x, backend):
         from fastpeft.kernels.lora import lora_fwd
 
@@ -257,8 +278,10 @@ def _lora_fwd(x, weight, bias, a, b, lb, res, s, p, seed, weight_t, store_xa, ba
         lead = x.shape[:-1]
         x2 = x if len(lead) == 1 else x.reshape(-1, k)
         res2 = res if res is None or len(lead) == 1 else res.reshape(-1, n)
-        y, xa = lora_fwd(x2, weight, bias, a, b, lb, res2, s, p, seed_i, weight_t=weight_t, store_xa=store_xa)
+        y, xa = lora_fwd(x2, weight, bias, a, b, lb, res2, s, p, _device_seed(seed, x) if p > 0.0 else 0,
+                         weight_t=weight_t, store_xa=store_xa)
         return y if len(lead) == 1 else y.view(*lead, n), xa if store_xa else None
+    seed_i = 0 if seed is None else int(seed)
     try:
         xd = x if x.dtype == a.dtype else x.to(a.dtype)
         if p > 0.0:
@@ -304,13 +327,14 @@ def _lora_bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed, weigh
     if lora_a is None:
         lora_a = torch.empty((lora_b.shape[1], k), dtype=lora_b.dtype, device=x.device)
     x2, dy2 = x.reshape(-1, k), dy.reshape(-1, n)
-    seed_i = 0 if seed is None else int(seed)
     if _use_triton(x, backend):
         from fastpeft.kernels.lora import lora_bwd
 
-        dx, da, db = lora_bwd(dy2, x2, weight, lora_a, lora_b, xa, scaling, dropout_p, seed_i, weight_t=weight_t,
+        seed_t = _device_seed(seed, x) if dropout_p > 0.0 else 0
+        dx, da, db = lora_bwd(dy2, x2, weight, lora_a, lora_b, xa, scaling, dropout_p, seed_t, weight_t=weight_t,
                               need_dx=need_dx, need_da=need_da, need_db=need_db)
     else:
+        seed_i = 0 if seed is None else int(seed)
         dx, da, db = _bwd_torch(dy2, x2, weight, lora_a, lora_b, xa, scaling, dropout_p, seed_i, weight_t, need_dx,
                                 need_da, need_db)
     return None if dx is None else dx.view(x.shape), da, db
