@@ -60,10 +60,10 @@ class KernelSpec(NamedTuple):
 # epilogue), at decode and, when ia3_fwd is called directly with more rows, prefill.
 _FWD_CONFIGS: dict[tuple[bool, int, bool], TileConfig] = {
     (True, 64, False): TileConfig(16, 32, 128, 4, 4),
-    (True, 128, False): TileConfig(16, 32, 64, 4, 3),
+    (True, 128, False): TileConfig(16, 32, 128, 4, 3),
     (True, 256, False): TileConfig(16, 32, 32, 4, 3),
     (False, 64, False): TileConfig(128, 128, 32, 8, 4),
-    (True, 64, True): TileConfig(16, 32, 64, 4, 4),
+    (True, 64, True): TileConfig(16, 32, 32, 4, 4),
     (True, 128, True): TileConfig(16, 32, 32, 4, 3),
     (True, 256, True): TileConfig(16, 32, 32, 8, 2),
     (False, 64, True): TileConfig(32, 64, 32, 8, 3),

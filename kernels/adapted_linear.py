@@ -84,15 +84,15 @@ def _scale_input(b_x, b_l):
 
 @triton.jit
 def linear_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, lbias_ptr, res_ptr, l_ptr, y_ptr, xa_ptr, base_ptr, seed_ptr,
-    M, N, K, R,
+    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, lbias_ptr, res_ptr, l_ptr, y_ptr, xa_ptr, base_ptr, seed_ptr, xap_ptr,
+    M, N, K, R, S,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
-    stride_rm, stride_rn, stride_l, stride_ym, stride_yn, stride_xam, stride_xar,
+    stride_rm, stride_rn, stride_l, stride_ym, stride_yn, stride_xam, stride_xar, stride_ps, stride_pm, stride_pr,
     scaling, p, drop_scale,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, GROUP_M: tl.constexpr,
     HAS_BASE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_LORA_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_XA: tl.constexpr, SCALE_INPUT: tl.constexpr,
-    SCALE_OUTPUT: tl.constexpr, STORE_BASE: tl.constexpr, DOT_PREC: tl.constexpr,
+    SCALE_OUTPUT: tl.constexpr, STORE_BASE: tl.constexpr, XA_IN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # W is read through (stride_wn, stride_wk), so nn.Linear [N, K] and Conv1D [K, N] weights need no copy.
     # base is allocated like y and written through y's strides.
@@ -106,7 +106,14 @@ def linear_fwd_kernel(
 
     p_x0 = x_ptr + o_m[:, None] * stride_xm  # [BM, 1]
     p_w0 = w_ptr + o_n[None, :] * stride_wn  # [1, BN]
-    if HAS_LORA:
+    if HAS_LORA and XA_IN:
+        # xa from the S fp32 partial sums [S, M, R] of a shrink launch (at high rank, where every program forming xa
+        # would re-read more of A than the whole of W), added in a fixed order
+        p_part = xap_ptr + o_m[:, None] * stride_pm + o_r[None, :] * stride_pr  # [BM, BR]
+        b_xa = tl.zeros([BM, BR], dtype=tl.float32)
+        for i_s in range(0, S):
+            b_xa += tl.load(p_part + i_s * stride_ps, mask=m_m[:, None] & m_r[None, :], other=0.0)
+    elif HAS_LORA:
         # xa = drop(x) A^T in a loop of its own, before the base loop: sharing the base loop's x tile made Triton lay
         # out every dot for the chained xa -> B product (warps along M: [4, 1], 4x redundant MMAs at BM = 16, shared
         # memory traffic 1.7x); apart, the base GEMV gets the [1, 4] layout IA3's gets.

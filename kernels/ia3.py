@@ -28,8 +28,9 @@ from .adapted_linear import linear_bwd_dx_kernel, linear_fwd_kernel
 __all__ = ["ia3_fwd", "ia3_bwd", "ia3_shipped_configs"]
 
 # the low-rank arguments of the shared kernels, unused with HAS_LORA=False
-_NO_LORA_FWD = dict(R=0, stride_ar=0, stride_ak=0, stride_bn=0, stride_br=0, stride_rm=0, stride_rn=0, stride_xam=0,
-                    stride_xar=0, scaling=1.0, p=0.0, drop_scale=1.0)
+_NO_LORA_FWD = dict(R=0, S=0, stride_ar=0, stride_ak=0, stride_bn=0, stride_br=0, stride_rm=0, stride_rn=0,
+                    stride_xam=0, stride_xar=0, stride_ps=0, stride_pm=0, stride_pr=0, scaling=1.0, p=0.0,
+                    drop_scale=1.0)
 
 
 def _check_vector(l, features: int, scale_input: bool) -> None:
@@ -60,7 +61,7 @@ def _fwd_outputs(x, N: int, store_base: bool) -> tuple[Tensor, Tensor | None]:
 def _fwd_dynamic(x, weight, bias, l, y, base) -> dict:
     """The forward's per-call tensors (the low-rank ones, and absent ones, point at a harmless stand-in)."""
     return dict(x_ptr=x, w_ptr=weight, bias_ptr=bias if bias is not None else y, a_ptr=x, b_ptr=x, lbias_ptr=x,
-                res_ptr=y, l_ptr=l, y_ptr=y, xa_ptr=y, base_ptr=base if base is not None else y, seed_ptr=y)
+                res_ptr=y, l_ptr=l, y_ptr=y, xa_ptr=y, base_ptr=base if base is not None else y, seed_ptr=y, xap_ptr=y)
 
 
 def _bwd_outputs(dy, K: int, num_m: int, scale_input: bool, need_dx: bool, need_dl: bool):
@@ -103,7 +104,7 @@ def _plan_ia3_fwd(x, weight, bias, l, scale_input, weight_t, store_base) -> tupl
     constexprs = dict(
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BR=16, GROUP_M=_GROUP_M, HAS_BASE=True, HAS_BIAS=bias is not None,
         HAS_LORA=False, HAS_LORA_BIAS=False, HAS_RESIDUAL=False, HAS_DROPOUT=False, STORE_XA=False,
-        SCALE_INPUT=bool(scale_input), SCALE_OUTPUT=not scale_input, STORE_BASE=store_base,
+        SCALE_INPUT=bool(scale_input), SCALE_OUTPUT=not scale_input, STORE_BASE=store_base, XA_IN=False,
         DOT_PREC=_dot_precision(),
     )
     grid = (triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN),)

@@ -29,12 +29,12 @@ import torch
 import triton
 from torch import Tensor
 
-from ._common import (_GROUP_M, _MAX_RANK, KernelSpec, LaunchPlan, PlanCache, TileConfig, _block_rank, _check_2d,
+from ._common import (_GROUP_M, _MAX_RANK, CostStep, KernelSpec, LaunchPlan, PlanCache, TileConfig, _block_rank, _check_2d,
                       _check_device, _check_launch_device, _check_tensor, _dot_precision, _fwd_config, _launch, _meta,
                       _weight_strides)
 from .adapted_linear import linear_fwd_kernel, lora_dropout_mask_kernel
 from .ia3 import ia3_bwd, ia3_fwd, ia3_shipped_configs
-from .lora_split import split_bwd, split_fwd, split_shipped_configs
+from .lora_split import _kernel_step, _plan_shrink, shrink_partials, split_bwd, split_fwd, split_shipped_configs
 
 __all__ = [
     "TileConfig",
@@ -45,6 +45,7 @@ __all__ = [
     "ia3_fwd",
     "ia3_bwd",
     "shipped_configs",
+    "decode_cost_steps",
     "DECODE_ROWS",
 ]
 
@@ -89,9 +90,10 @@ def _fwd_outputs(x, lora_a, lora_b, store_xa) -> tuple[Tensor, Tensor | None]:
     return y, (torch.empty((M, R), device=x.device, dtype=lora_a.dtype) if store_xa else None)
 
 
-def _fwd_dynamic(x, weight, bias, lora_a, lora_b, lora_bias, residual, y, xa, scaling, dropout_p, seed) -> dict:
+def _fwd_dynamic(x, weight, bias, lora_a, lora_b, lora_bias, residual, y, xa, scaling, dropout_p, seed,
+                 xa_part=None) -> dict:
     """The forward's per-call arguments: tensors (absent ones point at a harmless stand-in) and runtime scalars."""
-    return dict(
+    return dict(xap_ptr=xa_part if xa_part is not None else y,
         x_ptr=x, w_ptr=weight if weight is not None else x, bias_ptr=bias if bias is not None else y,
         a_ptr=lora_a, b_ptr=lora_b, lbias_ptr=lora_bias if lora_bias is not None else lora_b,
         res_ptr=residual if residual is not None else y, l_ptr=y, y_ptr=y, xa_ptr=xa if xa is not None else y,
@@ -105,8 +107,18 @@ _FWD_DYNAMIC = frozenset(_fwd_dynamic(*[torch.empty(1, 1)] * 9, 1.0, 0.0, None))
 _FWD_PLANS = PlanCache()
 
 
+def _xa_apart(N: int, K: int, R: int, cfg: TileConfig, a_dtype: torch.dtype, weight) -> bool:
+    """Whether the decode plan forms xa in a shrink launch of its own (two launches): when the N-tile programs,
+    each forming xa for its rows, would together re-read more of A (from L2) than all of W that they stream from
+    memory. At rank 16 with 16-bit adapters they re-read half of W's bytes: one launch; at rank 64, or 32 with fp32
+    adapters, twice or more: two."""
+    a_bytes = R * K * torch.empty((), dtype=a_dtype).element_size()
+    w_bytes = 0 if weight is None else weight.numel() * weight.element_size()
+    return triton.cdiv(N, cfg.BN) * a_bytes > w_bytes
+
+
 def _plan_fwd(x, weight, bias, lora_a, lora_b, lora_bias, residual, scaling, dropout_p, seed, weight_t,
-              store_xa) -> tuple[KernelSpec, Tensor, Tensor | None]:
+              store_xa, xa_part=None) -> tuple[KernelSpec, Tensor, Tensor | None]:
     M, N, K, R = _adapter_shapes(x, lora_a, lora_b)
     stride_wn, stride_wk = _weight_strides(weight, N, K, x.dtype, weight_t)
     if bias is not None:
@@ -124,19 +136,22 @@ def _plan_fwd(x, weight, bias, lora_a, lora_b, lora_bias, residual, scaling, dro
     cfg = _fwd_config(M, N, K, R, x.dtype, lora_a.dtype)
     res = residual if residual is not None else y
     xa_out = xa if xa is not None else y
+    part = xa_part if xa_part is not None else torch.empty((1, 1, 1), device=x.device)
     args = dict(
-        M=M, N=N, K=K, R=R,
+        M=M, N=N, K=K, R=R, S=part.shape[0], stride_ps=part.stride(0), stride_pm=part.stride(1),
+        stride_pr=part.stride(2),
         stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wn=stride_wn, stride_wk=stride_wk,
         stride_ar=lora_a.stride(0), stride_ak=lora_a.stride(1), stride_bn=lora_b.stride(0),
         stride_br=lora_b.stride(1), stride_rm=res.stride(0), stride_rn=res.stride(1), stride_l=0,
         stride_ym=y.stride(0), stride_yn=y.stride(1), stride_xam=xa_out.stride(0), stride_xar=xa_out.stride(1),
-        **_fwd_dynamic(x, weight, bias, lora_a, lora_b, lora_bias, residual, y, xa, scaling, dropout_p, seed),
+        **_fwd_dynamic(x, weight, bias, lora_a, lora_b, lora_bias, residual, y, xa, scaling, dropout_p, seed,
+                       xa_part),
     )
     constexprs = dict(
         BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, BR=_block_rank(R), GROUP_M=_GROUP_M,
         HAS_BASE=weight is not None, HAS_BIAS=bias is not None, HAS_LORA=True, HAS_LORA_BIAS=lora_bias is not None,
-        HAS_RESIDUAL=residual is not None, HAS_DROPOUT=dropout_p > 0.0, STORE_XA=store_xa, SCALE_INPUT=False,
-        SCALE_OUTPUT=False, STORE_BASE=False, DOT_PREC=_dot_precision(),
+        HAS_RESIDUAL=residual is not None, HAS_DROPOUT=dropout_p > 0.0 and xa_part is None, STORE_XA=store_xa,
+        SCALE_INPUT=False, SCALE_OUTPUT=False, STORE_BASE=False, XA_IN=xa_part is not None, DOT_PREC=_dot_precision(),
     )
     grid = (triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN),)
     spec = KernelSpec("lora_fwd", linear_fwd_kernel, args, constexprs, cfg.num_warps, cfg.num_stages, grid)
@@ -164,16 +179,21 @@ def lora_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_a: Tens
                          weight_t=weight_t, store_xa=store_xa)
     key = (_meta(x), _meta(weight), _meta(bias), _meta(lora_a), _meta(lora_b), _meta(lora_bias), _meta(residual),
            weight_t, store_xa, dropout_p > 0.0, _dot_precision())
-    plan = _FWD_PLANS.get(key)
-    if plan is None:  # first call with this metadata: full checks, then the plan is kept
+    hit = _FWD_PLANS.get(key)
+    if hit is None:  # first call with this metadata: full checks, then the plan is kept
+        M, N, K, R = _adapter_shapes(x, lora_a, lora_b)
+        apart = _xa_apart(N, K, R, _fwd_config(M, N, K, R, x.dtype, lora_a.dtype), lora_a.dtype, weight)
+        part = shrink_partials(x, lora_a, dropout_p, seed_t) if apart else None
         spec, y, xa = _plan_fwd(x, weight, bias, lora_a, lora_b, lora_bias, residual, scaling, dropout_p, seed_t,
-                                weight_t, store_xa)
-        _FWD_PLANS.put(key, LaunchPlan.of(spec, _FWD_DYNAMIC))
+                                weight_t, store_xa, part)
+        _FWD_PLANS.put(key, (LaunchPlan.of(spec, _FWD_DYNAMIC), apart))
         _launch(spec, x.device)
         return y, xa
+    plan, apart = hit
+    part = shrink_partials(x, lora_a, dropout_p, seed_t) if apart else None
     y, xa = _fwd_outputs(x, lora_a, lora_b, store_xa)
     plan.launch(x.device, _fwd_dynamic(x, weight, bias, lora_a, lora_b, lora_bias, residual, y, xa, scaling,
-                                       dropout_p, seed_t))
+                                       dropout_p, seed_t, part))
     return y, xa
 
 
@@ -216,14 +236,47 @@ def lora_dropout_mask(seed, M: int, K: int, p: float, device) -> Tensor:
     return keep.view(torch.bool)
 
 
+def decode_cost_steps(M: int, N: int, K: int, R: int, x_dtype: torch.dtype, a_dtype: torch.dtype,
+                      dropout_p: float = 0.0) -> list[CostStep]:
+    """The decode plan's launches (M <= DECODE_ROWS) with their FLOPs and bytes, read off the plan made on meta
+    tensors: the compulsory bytes (x, W, A, B once, y and xa written once) and the re-reads its grid makes (every
+    N-tile program forms xa for its rows: A and x again, from L2; FLOPs count those redundant products too). At
+    high rank (``_xa_apart``) a shrink launch forms xa's partials first and the programs read those instead."""
+    if M > DECODE_ROWS:
+        raise ValueError(f"decode_cost_steps: M = {M} rows is the split plan (lora_split.split_cost_steps)")
+    e = lambda *shape, dtype: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
+    x, w, a, b = e(M, K, dtype=x_dtype), e(N, K, dtype=x_dtype), e(R, K, dtype=a_dtype), e(N, R, dtype=a_dtype)
+    seed = e(dtype=torch.int64)
+    apart = _xa_apart(N, K, R, _fwd_config(M, N, K, R, x_dtype, a_dtype), a_dtype, w)
+    steps, part = [], None
+    if apart:
+        shrink_spec, _ = _plan_shrink(x, a, 1.0, dropout_p, seed, torch.float32, False, raw=True)
+        steps, part = _kernel_step(shrink_spec, 1), shrink_spec.args["out_ptr"]
+    spec = _plan_fwd(x, w, None, a, b, None, None, 1.0, dropout_p, seed, False, True, part)[0]
+    xs, ws, as_ = x.element_size(), w.element_size(), a.element_size()
+    programs = spec.grid[0]
+    wide = torch.float32 in (x_dtype, a_dtype)
+    rate, passes = ("tf32", 3 if _dot_precision() == "tf32x3" else 1) if wide else ("bf16", 1)
+    flops = 2 * M * N * K + 2 * M * N * R + (0 if apart else programs * 2 * M * K * R)
+    dram = M * K * xs + N * K * ws + N * R * as_ + M * N * xs + M * R * as_
+    if apart:  # the partials, read by every program
+        dram += part.numel() * 4
+        l2 = (programs - 1) * (part.numel() * 4 + M * K * xs)
+    else:  # every program forms xa: A and x again
+        dram += R * K * as_
+        l2 = (programs - 1) * (R * K * as_ + M * K * xs)
+    return steps + [CostStep("lora_fwd_decode", "triton", flops, rate, passes, dram, l2)]
+
+
 def shipped_configs() -> list[tuple[str, KernelSpec]]:
     """(readable id, spec) for every config the heuristics can pick, planned on meta tensors, for AOT compiles.
 
     LoRA's fused decode kernel: every decode table row (rank class) for every (x, adapter) dtype pair PEFT
     produces, at the largest rank of the row (registers and shared memory grow with BR, so that is the row's worst
     case), with the features on that cost the most (bias, lora_bias, residual, dropout, xa); nn.Linear and, for the
-    smallest rank class, the transposed Conv1D weight too. Then the split kernels (``split_shipped_configs``) and
-    IA3's (``ia3.ia3_shipped_configs``).
+    smallest rank class, the transposed Conv1D weight too; each both ways, forming xa itself and reading xa's
+    partials (``-xa``, ``_xa_apart``). Then the split kernels (``split_shipped_configs``) and IA3's
+    (``ia3.ia3_shipped_configs``).
     """
     pairs = [(torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32),
              (torch.float16, torch.float32), (torch.bfloat16, torch.float32)]
@@ -238,4 +291,7 @@ def shipped_configs() -> list[tuple[str, KernelSpec]]:
             x, w, bias, a, b, lb, res, seed = meta
             tag = f"{short[x_dt]}x-{short[a_dt]}a-decode-r{R}" + ("-wt" * weight_t)
             out.append((f"fwd-{tag}", _plan_fwd(x, w, bias, a, b, lb, res, 2.0, 0.1, seed, weight_t, True)[0]))
+            part = _plan_shrink(x, a, 1.0, 0.1, seed, torch.float32, False, raw=True)[0].args["out_ptr"]
+            out.append((f"fwd-{tag}-xa", _plan_fwd(x, w, bias, a, b, lb, res, 2.0, 0.1, seed, weight_t, True,
+                                                   part)[0]))
     return out + split_shipped_configs() + ia3_shipped_configs()

@@ -24,7 +24,7 @@ from ._common import (CostStep, KernelSpec, LaunchPlan, PlanCache, TileConfig, _
                       _check_tensor, _dot_precision, _GROUP_M, _launch, _meta)
 from .lora_split_kernels import lora_expand_kernel, lora_shrink_kernel, lora_wgrad_kernel
 
-__all__ = ["shrink", "expand", "wgrad", "split_fwd", "split_bwd", "split_cost_steps", "split_shipped_configs"]
+__all__ = ["shrink", "shrink_partials", "expand", "wgrad", "split_fwd", "split_bwd", "split_cost_steps", "split_shipped_configs"]
 
 # Tiles by (BR cap, wide: an fp32 dot operand). TileConfig(BM, BN, BK, warps, stages): the shrink uses BM x BK x BR
 # (loop over K), the expand BM x BN x BR (one dot), wgrad BR x BN x BM (loop over M, BN output columns). Rows are
@@ -85,7 +85,7 @@ def _dropout_args(p: float) -> dict:
 # shrink
 
 
-def _plan_shrink(x, a, scale, p, seed, out_dtype, transposed) -> tuple[KernelSpec, int]:
+def _plan_shrink(x, a, scale, p, seed, out_dtype, transposed, raw=False) -> tuple[KernelSpec, int]:
     _check_2d("x", x)
     _check_2d("lora_a", a)
     M, K = x.shape
@@ -95,9 +95,9 @@ def _plan_shrink(x, a, scale, p, seed, out_dtype, transposed) -> tuple[KernelSpe
     stride_ar, stride_ak = (a.stride(1), a.stride(0)) if transposed else (a.stride(0), a.stride(1))
     cfg = _SHRINK[_key(R, a.dtype)]  # x is cast to A's dtype: A's dtype is the dot's
     S, k_split = _splits(triton.cdiv(M, cfg.BM), K, cfg.BK, x.device)
-    out = _shrink_out(M, R, S, out_dtype, x.device)
+    out = _shrink_out(M, R, S, out_dtype, x.device, raw)
     args = dict(M=M, K=K, R=R, k_split=k_split, stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ar=stride_ar,
-                stride_ak=stride_ak, stride_os=out.stride(0) if S > 1 else 0, stride_om=out.stride(-2),
+                stride_ak=stride_ak, stride_os=out.stride(0) if out.dim() == 3 else 0, stride_om=out.stride(-2),
                 stride_or=out.stride(-1), **_shrink_dynamic(x, a, out, seed, scale, p))
     constexprs = dict(BM=cfg.BM, BK=cfg.BK, BR=_block_rank(R), HAS_DROPOUT=p > 0.0, DOT_PREC=_dot_precision())
     spec = KernelSpec("lora_shrink", lora_shrink_kernel, args, constexprs, cfg.num_warps, cfg.num_stages,
@@ -105,8 +105,8 @@ def _plan_shrink(x, a, scale, p, seed, out_dtype, transposed) -> tuple[KernelSpe
     return spec, S
 
 
-def _shrink_out(M, R, S, out_dtype, device) -> Tensor:
-    if S == 1:
+def _shrink_out(M, R, S, out_dtype, device, raw=False) -> Tensor:
+    if S == 1 and not raw:
         return torch.empty((M, R), device=device, dtype=out_dtype)
     return torch.empty((S, M, R), device=device, dtype=torch.float32)
 
@@ -119,25 +119,36 @@ _SHRINK_DYNAMIC = frozenset(_shrink_dynamic(*[torch.empty(1)] * 4, 1.0, 0.0))
 _SHRINK_PLANS = PlanCache()
 
 
-def shrink(x: Tensor, a: Tensor, scale: float, dropout_p: float, seed: Tensor | None, out_dtype: torch.dtype,
-           transposed: bool = False) -> Tensor:
-    """scale * drop(x) A^T: x [M, K]; a [R, K] (or [K, R] with ``transposed``: B for g = s dY B). [M, R] out_dtype."""
-    key = (_meta(x), _meta(a), out_dtype, transposed, dropout_p > 0.0, _dot_precision())
+def _shrink(x, a, scale, dropout_p, seed, out_dtype, transposed, raw) -> tuple[Tensor, int]:
+    key = (_meta(x), _meta(a), out_dtype, transposed, raw, dropout_p > 0.0, _dot_precision())
     hit = _SHRINK_PLANS.get(key)
     if hit is None:
-        spec, S = _plan_shrink(x, a, scale, dropout_p, seed, out_dtype, transposed)
+        spec, S = _plan_shrink(x, a, scale, dropout_p, seed, out_dtype, transposed, raw)
         _check_device(dict(x=x, a=a, seed=seed))
         _SHRINK_PLANS.put(key, (LaunchPlan.of(spec, _SHRINK_DYNAMIC), S))
         out = spec.args["out_ptr"]
         _launch(spec, x.device)
-    else:
-        plan, S = hit
-        out = _shrink_out(x.shape[0], plan.static["R"], S, out_dtype, x.device)
-        plan.launch(x.device, _shrink_dynamic(x, a, out, seed, scale, dropout_p))
+        return out, S
+    plan, S = hit
+    out = _shrink_out(x.shape[0], plan.static["R"], S, out_dtype, x.device, raw)
+    plan.launch(x.device, _shrink_dynamic(x, a, out, seed, scale, dropout_p))
+    return out, S
+
+
+def shrink(x: Tensor, a: Tensor, scale: float, dropout_p: float, seed: Tensor | None, out_dtype: torch.dtype,
+           transposed: bool = False) -> Tensor:
+    """scale * drop(x) A^T: x [M, K]; a [R, K] (or [K, R] with ``transposed``: B for g = s dY B). [M, R] out_dtype."""
+    out, S = _shrink(x, a, scale, dropout_p, seed, out_dtype, transposed, False)
     if S == 1:
         return out
     out = out.sum(0)
     return out if out_dtype == torch.float32 else out.to(out_dtype)
+
+
+def shrink_partials(x: Tensor, a: Tensor, dropout_p: float, seed: Tensor | None) -> Tensor:
+    """drop(x) A^T as its fp32 partial sums over S ranges of K, [S, M, R] (S >= 1): for a consumer that adds them
+    itself (the fused decode kernel at high rank), saving the sum and cast launches."""
+    return _shrink(x, a, 1.0, dropout_p, seed, torch.float32, False, True)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -132,3 +132,33 @@ def test_cost_steps_follow_the_plans():
     train = lora_split.split_cost_steps(M, N, K, R, BF16, F32, 0.1, train=True)
     assert [s.name for s in train if s.engine == "cublas"] == ["cublas_addmm", "cublas_addmm_dx"]
     assert all(s.rate == "tf32" and s.passes == 3 for s in train if s.engine == "triton")
+
+
+@pytest.mark.parametrize("apart", [False, True], ids=["one-launch", "xa-apart"])
+@pytest.mark.parametrize("x_dt,a_dt", [(F32, F32), (BF16, F32), (BF16, BF16)], ids=["fp32", "bf16x-fp32a", "bf16"])
+def test_decode_plans(dev, monkeypatch, apart, x_dt, a_dt):
+    """Both decode plans match the reference with dropout: the one fused launch forming xa per program, and xa's
+    partial sums from a shrink launch read by the fused launch (chosen at high rank); and they agree with each
+    other to rounding."""
+    monkeypatch.setattr(lora_mod, "_xa_apart", lambda *a: apart)
+    lora_mod._FWD_PLANS.plans.clear()
+    c = _case(dev, 5, 200, 40, 24, x_dt, a_dt, residual=True)
+    _run_and_check(c, scaling=2.0, p=0.1, seed=9)
+    (plan, was_apart), = lora_mod._FWD_PLANS.plans.values()
+    assert was_apart == apart and plan.static["XA_IN"] == apart
+    lora_mod._FWD_PLANS.plans.clear()
+
+
+def test_decode_plan_choice():
+    """One launch at rank 16 with 16-bit adapters on a 4096 x 4096 layer (its programs re-read half of W's bytes of
+    A), xa apart at rank 64 and without a base weight; the cost steps follow the choice."""
+    from fastpeft.kernels.lora import decode_cost_steps
+
+    e = lambda *s, dt=BF16: torch.empty(s, dtype=dt, device="meta")  # noqa: E731
+    cfg = lora_mod._fwd_config(1, 4096, 4096, 16, BF16, BF16)
+    assert not lora_mod._xa_apart(4096, 4096, 16, cfg, BF16, e(4096, 4096))
+    cfg = lora_mod._fwd_config(1, 4096, 4096, 64, BF16, BF16)
+    assert lora_mod._xa_apart(4096, 4096, 64, cfg, BF16, e(4096, 4096))
+    assert lora_mod._xa_apart(4096, 4096, 16, cfg, BF16, None)
+    assert [s.name for s in decode_cost_steps(1, 4096, 4096, 16, BF16, BF16)] == ["lora_fwd_decode"]
+    assert [s.name for s in decode_cost_steps(1, 4096, 4096, 64, BF16, BF16)] == ["lora_shrink", "lora_fwd_decode"]
