@@ -22,7 +22,8 @@ from torch import Tensor
 
 from ._common import (CostStep, KernelSpec, LaunchPlan, PlanCache, TileConfig, _block_rank, _check_2d, _check_device,
                       _check_tensor, _dot_precision, _GROUP_M, _launch, _meta)
-from .lora_split_kernels import lora_expand_kernel, lora_shrink_kernel, lora_wgrad_kernel
+from .lora_split_kernels import SPLIT_A, SPLIT_AB, SPLIT_B, SPLIT_NONE, lora_expand_kernel, lora_shrink_kernel, \
+    lora_wgrad_kernel
 
 __all__ = ["shrink", "shrink_partials", "expand", "wgrad", "split_fwd", "split_bwd", "split_cost_steps", "split_shipped_configs"]
 
@@ -42,7 +43,7 @@ _EXPAND: dict[tuple[int, bool], TileConfig] = {  # BK: the chunk of R per dot
 }
 _WGRAD: dict[tuple[int, bool], TileConfig] = {
     (64, False): TileConfig(64, 128, 0, 8, 3), (128, False): TileConfig(32, 64, 0, 4, 3),
-    (256, False): TileConfig(32, 32, 0, 4, 3), (64, True): TileConfig(32, 64, 0, 8, 3),
+    (256, False): TileConfig(32, 32, 0, 4, 3), (64, True): TileConfig(32, 64, 0, 4, 3),
     (128, True): TileConfig(32, 32, 0, 4, 2), (256, True): TileConfig(16, 16, 0, 4, 2),
 }
 _DEFAULT_SMS = 132  # H100 SXM: plans on meta / CPU tensors
@@ -73,6 +74,14 @@ def _splits(tiles: int, length: int, step: int, device: torch.device) -> tuple[i
     return triton.cdiv(max(length, 1), span), span
 
 
+def _split(exact: torch.dtype, other: torch.dtype, mode: int) -> int:
+    """``_mma``'s mode: split fp32 operands into bf16 parts when the other operand is exact in bf16 (a bf16 tensor)
+    and the dot would otherwise run as 3xTF32; plain dots otherwise (16-bit adapters, fp16 x, TF32 allowed)."""
+    if other != torch.float32 or _dot_precision() != "tf32x3":
+        return SPLIT_NONE
+    return mode if exact == torch.bfloat16 else SPLIT_NONE
+
+
 def _seed_ptr(seed: Tensor | None, fallback: Tensor) -> Tensor:
     return fallback if seed is None else seed
 
@@ -99,7 +108,8 @@ def _plan_shrink(x, a, scale, p, seed, out_dtype, transposed, raw=False) -> tupl
     args = dict(M=M, K=K, R=R, k_split=k_split, stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ar=stride_ar,
                 stride_ak=stride_ak, stride_os=out.stride(0) if out.dim() == 3 else 0, stride_om=out.stride(-2),
                 stride_or=out.stride(-1), **_shrink_dynamic(x, a, out, seed, scale, p))
-    constexprs = dict(BM=cfg.BM, BK=cfg.BK, BR=_block_rank(R), HAS_DROPOUT=p > 0.0, DOT_PREC=_dot_precision())
+    constexprs = dict(BM=cfg.BM, BK=cfg.BK, BR=_block_rank(R), HAS_DROPOUT=p > 0.0,
+                      SPLIT=_split(x.dtype, a.dtype, SPLIT_B), DOT_PREC=_dot_precision())
     spec = KernelSpec("lora_shrink", lora_shrink_kernel, args, constexprs, cfg.num_warps, cfg.num_stages,
                       (triton.cdiv(M, cfg.BM), S))
     return spec, S
@@ -179,7 +189,8 @@ def _plan_expand(xa, b, lora_bias, bias, residual, scale, p, seed, out_dtype, tr
     constexprs = dict(BM=cfg.BM, BN=cfg.BN, BRK=min(cfg.BK, _block_rank(R)), GROUP_M=_GROUP_M,
                       HAS_LORA_BIAS=lora_bias is not None,
                       HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, HAS_DROPOUT=p > 0.0,
-                      DOT_PREC=_dot_precision())
+                      SPLIT=SPLIT_AB if out_dtype != torch.float32 and _split(torch.bfloat16, b.dtype, 1) else
+                      SPLIT_NONE, DOT_PREC=_dot_precision())
     grid = (triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN),)
     return KernelSpec("lora_expand", lora_expand_kernel, args, constexprs, cfg.num_warps, cfg.num_stages, grid)
 
@@ -230,7 +241,8 @@ def _plan_wgrad(g, x, param, scale, p, seed, rows_r) -> tuple[KernelSpec, int]:
     args = dict(M=M, C=C, R=R, m_split=m_split, stride_gm=g.stride(0), stride_gr=g.stride(1), stride_xm=x.stride(0),
                 stride_xc=x.stride(1), stride_os=out.stride(0) if S > 1 else 0, stride_or=stride_or,
                 stride_oc=stride_oc, **_wgrad_dynamic(g, x, param, out, seed, scale, p))
-    constexprs = dict(BM=cfg.BM, BC=cfg.BN, BR=_block_rank(R), HAS_DROPOUT=p > 0.0, DOT_PREC=_dot_precision())
+    constexprs = dict(BM=cfg.BM, BC=cfg.BN, BR=_block_rank(R), HAS_DROPOUT=p > 0.0,
+                      SPLIT=_split(x.dtype, param.dtype, SPLIT_A), DOT_PREC=_dot_precision())
     spec = KernelSpec("lora_wgrad", lora_wgrad_kernel, args, constexprs, cfg.num_warps, cfg.num_stages,
                       (triton.cdiv(C, cfg.BN), S))
     return spec, S
@@ -344,7 +356,9 @@ def _meta_tensors(M, N, K, R, x_dtype, a_dtype):
             e(N, R, dtype=a_dtype), e(M, N, dtype=x_dtype), e(M, R, dtype=a_dtype), e(dtype=torch.int64))
 
 
-def _rate(*dtypes) -> tuple[str, int]:
+def _rate(split: int, *dtypes) -> tuple[str, int]:
+    if split != SPLIT_NONE:
+        return "bf16", 3
     if torch.float32 not in dtypes:
         return "bf16", 1
     return "tf32", 3 if _dot_precision() == "tf32x3" else 1
@@ -362,12 +376,12 @@ def _kernel_step(spec: KernelSpec, S: int) -> list[CostStep]:
     if spec.name == "lora_shrink":
         x, w = a["x_ptr"], a["a_ptr"]
         K = a["K"]
-        flops, rate = 2 * M * K * R, _rate(x.dtype, w.dtype)
+        flops, rate = 2 * M * K * R, _rate(c["SPLIT"], w.dtype)
         dram = M * K * x.element_size() + R * K * w.element_size() + _bytes(out)
         l2 = (spec.grid[0] - 1) * R * K * w.element_size()  # every row block reads its K range of A
     elif spec.name == "lora_expand":
         xa, b, N = a["xa_ptr"], a["b_ptr"], a["N"]
-        flops, rate = 2 * M * N * R, _rate(xa.dtype, b.dtype)
+        flops, rate = 2 * M * N * R, _rate(c["SPLIT"], b.dtype)
         dram = M * R * xa.element_size() + N * R * b.element_size() + _bytes(out)
         dram += (N * b.element_size() if c["HAS_LORA_BIAS"] else 0) + (N * out.element_size() if c["HAS_BIAS"] else 0)
         dram += _bytes(out) if c["HAS_RESIDUAL"] else 0
@@ -375,7 +389,7 @@ def _kernel_step(spec: KernelSpec, S: int) -> list[CostStep]:
         l2 = (num_n - 1) * M * R * xa.element_size() + (num_m - 1) * N * R * b.element_size()
     else:
         g, x, C = a["g_ptr"], a["x_ptr"], a["C"]
-        flops, rate = 2 * M * C * R, _rate(g.dtype, x.dtype, a["ref_ptr"].dtype)
+        flops, rate = 2 * M * C * R, _rate(c["SPLIT"], a["ref_ptr"].dtype)
         dram = M * R * g.element_size() + M * C * x.element_size() + _bytes(out)
         l2 = (spec.grid[0] - 1) * M * R * g.element_size()  # every column block reads all of g
     steps = [CostStep(spec.name, "triton", flops, rate[0], rate[1], dram, l2)]

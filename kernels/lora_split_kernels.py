@@ -39,7 +39,55 @@ import triton.language as tl
 
 from .adapted_linear import _dropout_keep, _tile_ids
 
-__all__ = ["lora_shrink_kernel", "lora_expand_kernel", "lora_wgrad_kernel"]
+__all__ = ["lora_shrink_kernel", "lora_expand_kernel", "lora_wgrad_kernel", "SPLIT_NONE", "SPLIT_A", "SPLIT_B",
+           "SPLIT_AB"]
+
+SPLIT_NONE, SPLIT_A, SPLIT_B, SPLIT_AB = 0, 1, 2, 3  # which operand of ``_mma`` is split into bf16 parts
+
+
+@triton.jit
+def _bf16_parts(v):
+    """fp32 v as hi + mid + lo, three bf16 (round-to-nearest): their sum is v to about 24 bits, fp32's precision."""
+    hi = v.to(tl.bfloat16)
+    rest = v - hi.to(tl.float32)
+    mid = rest.to(tl.bfloat16)
+    return hi, mid, (rest - mid.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
+def _mma(a, b, acc, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc + a @ b. SPLIT_NONE: one tl.dot in the operands' dtype (fp32 ones at DOT_PREC: 3xTF32 by default).
+
+    PEFT's default on a bf16 model is fp32 adapters; there one operand of every thin product is exact in bf16 (x, or
+    dY, or a 0/1-masked x), so the fp32 product runs as bf16 MMAs, at twice 3xTF32's rate:
+    - SPLIT_A / SPLIT_B: the other operand split, v = hi + mid + lo: three products, each exact in fp32 (8-bit by
+      8-bit mantissas), accumulated in fp32: fp32-grade, as IEEE fp32 is;
+    - SPLIT_AB (both fp32, the result rounded to 16 bits): a = a1 + a2, b = b1 + b2 (16 bits each) and
+      a1 b1 + a1 b2 + a2 b1: relative error about 2^-16, far below the output's own rounding (2^-9 to 2^-11).
+    Small terms are added first."""
+    if SPLIT == 1:
+        a1, a2, a3 = _bf16_parts(a.to(tl.float32))
+        b16 = b.to(tl.bfloat16)
+        acc = tl.dot(a3, b16, acc)
+        acc = tl.dot(a2, b16, acc)
+        acc = tl.dot(a1, b16, acc)
+    elif SPLIT == 2:
+        a16 = a.to(tl.bfloat16)
+        b1, b2, b3 = _bf16_parts(b.to(tl.float32))
+        acc = tl.dot(a16, b3, acc)
+        acc = tl.dot(a16, b2, acc)
+        acc = tl.dot(a16, b1, acc)
+    elif SPLIT == 3:
+        a1 = a.to(tl.bfloat16)
+        a2 = (a.to(tl.float32) - a1.to(tl.float32)).to(tl.bfloat16)
+        b1 = b.to(tl.bfloat16)
+        b2 = (b.to(tl.float32) - b1.to(tl.float32)).to(tl.bfloat16)
+        acc = tl.dot(a2, b1, acc)
+        acc = tl.dot(a1, b2, acc)
+        acc = tl.dot(a1, b1, acc)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+    return acc
 
 
 @triton.jit
@@ -48,11 +96,14 @@ def lora_shrink_kernel(
     M, K, R, k_split,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_os, stride_om, stride_or,
     scale, p, drop_scale,
-    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr, HAS_DROPOUT: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """out[s, m, :] = scale * drop(x)[m, ks] A[:, ks]^T over the K range ks = [s k_split, (s + 1) k_split).
 
-    Grid (cdiv(M, BM), S). Each x element is loaded by exactly one program, so its mask is drawn once."""
+    Grid (cdiv(M, BM), S). Each x element is loaded by exactly one program, so its mask is drawn once. The masked
+    x enters the product unscaled and 1 / (1 - p) scales the fp32 sum (one rounding less than PEFT's dropped copy;
+    and a bf16 x stays exact in bf16, which SPLIT_B needs)."""
     a_dtype = a_ptr.dtype.element_ty
     i_m = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1).to(tl.int64)
@@ -72,9 +123,11 @@ def lora_shrink_kernel(
         b_x = tl.load(p_x0 + o_k[None, :] * stride_xk, mask=m_m[:, None] & m_k[None, :], other=0.0)  # [BM, BK]
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, o_m, k0, K, p, BM, BK)  # [BM, BK]
-            b_x = tl.where(keep, b_x.to(tl.float32) * drop_scale, 0.0)
+            b_x = tl.where(keep, b_x, 0.0)
         b_a = tl.load(p_a0 + o_k[:, None] * stride_ak, mask=m_k[:, None] & m_r[None, :], other=0.0)  # [BK, BR]
-        b_acc = tl.dot(b_x.to(a_dtype), b_a, b_acc, input_precision=DOT_PREC)
+        b_acc = _mma(b_x.to(a_dtype), b_a, b_acc, SPLIT, DOT_PREC)
+    if HAS_DROPOUT:
+        b_acc = b_acc * drop_scale
     p_out = out_ptr + i_s * stride_os + o_m[:, None] * stride_om + o_r[None, :] * stride_or  # [BM, BR]
     tl.store(p_out, (b_acc * scale).to(out_ptr.dtype.element_ty), mask=m_m[:, None] & m_r[None, :])
 
@@ -86,7 +139,8 @@ def lora_expand_kernel(
     stride_xam, stride_xar, stride_bn, stride_br, stride_rm, stride_rn, stride_om, stride_on,
     scale, p, drop_scale,
     BM: tl.constexpr, BN: tl.constexpr, BRK: tl.constexpr, GROUP_M: tl.constexpr, HAS_LORA_BIAS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """out[m, n] = drop(scale * (xa[m, :] B[n, :]^T + b_B[n])) + bias[n] + residual[m, n], rounded once.
 
@@ -105,7 +159,7 @@ def lora_expand_kernel(
         m_r = o_r < R
         b_xa = tl.load(p_xa0 + o_r[None, :] * stride_xar, mask=m_m[:, None] & m_r[None, :], other=0.0)  # [BM, BRK]
         b_b = tl.load(p_b0 + o_r[:, None] * stride_br, mask=m_r[:, None] & m_n[None, :], other=0.0)  # [BRK, BN]
-        b_acc = tl.dot(b_xa.to(b_dtype), b_b, b_acc, input_precision=DOT_PREC)
+        b_acc = _mma(b_xa.to(b_dtype), b_b, b_acc, SPLIT, DOT_PREC)
     if HAS_LORA_BIAS:
         b_acc += tl.load(lbias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)[None, :]
     b_acc = b_acc * scale
@@ -128,7 +182,8 @@ def lora_wgrad_kernel(
     M, C, R, m_split,
     stride_gm, stride_gr, stride_xm, stride_xc, stride_os, stride_or, stride_oc,
     scale, p, drop_scale,
-    BM: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr, HAS_DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
+    BM: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr, HAS_DROPOUT: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """out[s, :, c] = scale * g[ms, :]^T drop(x)[ms, c] over the row range ms = [s m_split, (s + 1) m_split).
 
@@ -154,7 +209,9 @@ def lora_wgrad_kernel(
         b_x = tl.load(p_x0 + o_m[:, None] * stride_xm, mask=m_m[:, None] & m_c[None, :], other=0.0)  # [BM, BC]
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, o_m, i_c * BC, C, p, BM, BC)  # [BM, BC]
-            b_x = tl.where(keep, b_x.to(tl.float32) * drop_scale, 0.0)
-        b_acc = tl.dot(b_gt.to(w_dtype), b_x.to(w_dtype), b_acc, input_precision=DOT_PREC)
+            b_x = tl.where(keep, b_x, 0.0)  # unscaled: 1 / (1 - p) scales the sum, as in the shrink
+        b_acc = _mma(b_gt.to(w_dtype), b_x.to(w_dtype), b_acc, SPLIT, DOT_PREC)
+    if HAS_DROPOUT:
+        b_acc = b_acc * drop_scale
     p_out = out_ptr + i_s * stride_os + o_r[:, None] * stride_or + o_c[None, :] * stride_oc  # [BR, BC]
     tl.store(p_out, (b_acc * scale).to(out_ptr.dtype.element_ty), mask=m_r[:, None] & m_c[None, :])
