@@ -86,7 +86,7 @@ def launcher_host_us(calls: int = 3000, rounds: int = 7) -> dict[str, float]:
     TRITON_INTERPRET=1 set before triton is imported."""
     from unittest import mock
 
-    from fastpeft.kernels import _common, ia3, lora
+    from fastpeft.kernels import _common, ia3, lora, lora_split
 
     class _NoKernel:  # kernel[grid](**kwargs): binds every argument, launches nothing
         def __getitem__(self, grid):
@@ -105,13 +105,14 @@ def launcher_host_us(calls: int = 3000, rounds: int = 7) -> dict[str, float]:
         with _common._on_device(device):
             stub[plan.grid](**plan.static, **dynamic, num_warps=plan.num_warps, num_stages=plan.num_stages)
 
-    def lora_bwd_planned():
-        for spec in lora._plan_bwd(dy, x, w, a, b, xa, 2.0, 0.0, 0, False, True, True, True)[0]:
-            planned_launch(spec, x.device)
+    def lora_bwd_planned():  # the split plan's launchers, each planning afresh
+        for cache in (lora_split._SHRINK_PLANS, lora_split._EXPAND_PLANS, lora_split._WGRAD_PLANS):
+            cache.plans.clear()
+        lora.lora_bwd(dy, x, w, a, b, xa, 2.0, 0.0, 0)
 
     cases = {
-        "lora-fwd-planned": lambda: planned_launch(lora._plan_fwd(x, w, None, a, b, None, None, 2.0, 0.0, 0, False,
-                                                                  False)[0], x.device),
+        "lora-fwd-planned": lambda: planned_launch(lora._plan_fwd(x, w, None, a, b, None, None, 2.0, 0.0, None,
+                                                                  False, False)[0], x.device),
         "lora-fwd-replayed": lambda: lora.lora_fwd(x, w, None, a, b, None, None, 2.0, 0.0, 0, False, False),
         "lora-bwd-planned": lora_bwd_planned,
         "lora-bwd-replayed": lambda: lora.lora_bwd(dy, x, w, a, b, xa, 2.0, 0.0, 0),
@@ -120,6 +121,7 @@ def launcher_host_us(calls: int = 3000, rounds: int = 7) -> dict[str, float]:
     }
     out = {}
     with mock.patch.object(lora, "_launch", planned_launch), mock.patch.object(ia3, "_launch", planned_launch), \
+            mock.patch.object(lora_split, "_launch", planned_launch), \
             mock.patch.object(_common.LaunchPlan, "launch", replayed_launch):
         for name, fn in cases.items():
             for _ in range(100):

@@ -34,7 +34,7 @@ from ._common import (_GROUP_M, _MAX_RANK, CostStep, KernelSpec, LaunchPlan, Pla
                       _weight_strides)
 from .adapted_linear import linear_fwd_kernel, lora_dropout_mask_kernel
 from .ia3 import ia3_bwd, ia3_fwd, ia3_shipped_configs
-from .lora_split import _kernel_step, _plan_shrink, shrink_partials, split_bwd, split_fwd, split_shipped_configs
+from .lora_split import _kernel_step, _plan_shrink, shrink, split_bwd, split_fwd, split_shipped_configs
 
 __all__ = [
     "TileConfig",
@@ -183,14 +183,14 @@ def lora_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_a: Tens
     if hit is None:  # first call with this metadata: full checks, then the plan is kept
         M, N, K, R = _adapter_shapes(x, lora_a, lora_b)
         apart = _xa_apart(N, K, R, _fwd_config(M, N, K, R, x.dtype, lora_a.dtype), lora_a.dtype, weight)
-        part = shrink_partials(x, lora_a, dropout_p, seed_t) if apart else None
+        part = shrink(x, lora_a, 1.0, dropout_p, seed_t) if apart else None
         spec, y, xa = _plan_fwd(x, weight, bias, lora_a, lora_b, lora_bias, residual, scaling, dropout_p, seed_t,
                                 weight_t, store_xa, part)
         _FWD_PLANS.put(key, (LaunchPlan.of(spec, _FWD_DYNAMIC), apart))
         _launch(spec, x.device)
         return y, xa
     plan, apart = hit
-    part = shrink_partials(x, lora_a, dropout_p, seed_t) if apart else None
+    part = shrink(x, lora_a, 1.0, dropout_p, seed_t) if apart else None
     y, xa = _fwd_outputs(x, lora_a, lora_b, store_xa)
     plan.launch(x.device, _fwd_dynamic(x, weight, bias, lora_a, lora_b, lora_bias, residual, y, xa, scaling,
                                        dropout_p, seed_t, part))
@@ -250,7 +250,7 @@ def decode_cost_steps(M: int, N: int, K: int, R: int, x_dtype: torch.dtype, a_dt
     apart = _xa_apart(N, K, R, _fwd_config(M, N, K, R, x_dtype, a_dtype), a_dtype, w)
     steps, part = [], None
     if apart:
-        shrink_spec, _ = _plan_shrink(x, a, 1.0, dropout_p, seed, torch.float32, False, raw=True)
+        shrink_spec, _ = _plan_shrink(x, a, 1.0, dropout_p, seed, False)
         steps, part = _kernel_step(shrink_spec, 1), shrink_spec.args["out_ptr"]
     spec = _plan_fwd(x, w, None, a, b, None, None, 1.0, dropout_p, seed, False, True, part)[0]
     xs, ws, as_ = x.element_size(), w.element_size(), a.element_size()
@@ -291,7 +291,7 @@ def shipped_configs() -> list[tuple[str, KernelSpec]]:
             x, w, bias, a, b, lb, res, seed = meta
             tag = f"{short[x_dt]}x-{short[a_dt]}a-decode-r{R}" + ("-wt" * weight_t)
             out.append((f"fwd-{tag}", _plan_fwd(x, w, bias, a, b, lb, res, 2.0, 0.1, seed, weight_t, True)[0]))
-            part = _plan_shrink(x, a, 1.0, 0.1, seed, torch.float32, False, raw=True)[0].args["out_ptr"]
+            part = _plan_shrink(x, a, 1.0, 0.1, seed, False)[0].args["out_ptr"]
             out.append((f"fwd-{tag}-xa", _plan_fwd(x, w, bias, a, b, lb, res, 2.0, 0.1, seed, weight_t, True,
                                                    part)[0]))
     return out + split_shipped_configs() + ia3_shipped_configs()

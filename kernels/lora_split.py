@@ -25,7 +25,7 @@ from ._common import (CostStep, KernelSpec, LaunchPlan, PlanCache, TileConfig, _
 from .lora_split_kernels import SPLIT_A, SPLIT_AB, SPLIT_B, SPLIT_NONE, lora_expand_kernel, lora_shrink_kernel, \
     lora_wgrad_kernel
 
-__all__ = ["shrink", "shrink_partials", "expand", "wgrad", "split_fwd", "split_bwd", "split_cost_steps", "split_shipped_configs"]
+__all__ = ["shrink", "expand", "wgrad", "split_fwd", "split_bwd", "split_cost_steps", "split_shipped_configs"]
 
 # Tiles by (BR cap, wide: an fp32 dot operand). TileConfig(BM, BN, BK, warps, stages): the shrink uses BM x BK x BR
 # (loop over K), the expand BM x BN x BR (one dot), wgrad BR x BN x BM (loop over M, BN output columns). Rows are
@@ -43,7 +43,7 @@ _EXPAND: dict[tuple[int, bool], TileConfig] = {  # BK: the chunk of R per dot
 }
 _WGRAD: dict[tuple[int, bool], TileConfig] = {
     (64, False): TileConfig(64, 128, 0, 8, 3), (128, False): TileConfig(32, 64, 0, 4, 3),
-    (256, False): TileConfig(32, 32, 0, 4, 3), (64, True): TileConfig(32, 64, 0, 4, 3),
+    (256, False): TileConfig(32, 32, 0, 8, 3), (64, True): TileConfig(32, 64, 0, 4, 3),
     (128, True): TileConfig(32, 32, 0, 4, 2), (256, True): TileConfig(16, 16, 0, 4, 2),
 }
 _DEFAULT_SMS = 132  # H100 SXM: plans on meta / CPU tensors
@@ -91,10 +91,11 @@ def _dropout_args(p: float) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# shrink
+# shrink: its output is always the fp32 partial sums [S, M, R] (S >= 1); the consumers (expand, wgrad, the fused
+# decode kernel) add them in a fixed order as they load them, so no launch sums or casts them
 
 
-def _plan_shrink(x, a, scale, p, seed, out_dtype, transposed, raw=False) -> tuple[KernelSpec, int]:
+def _plan_shrink(x, a, scale, p, seed, transposed) -> tuple[KernelSpec, int]:
     _check_2d("x", x)
     _check_2d("lora_a", a)
     M, K = x.shape
@@ -104,21 +105,15 @@ def _plan_shrink(x, a, scale, p, seed, out_dtype, transposed, raw=False) -> tupl
     stride_ar, stride_ak = (a.stride(1), a.stride(0)) if transposed else (a.stride(0), a.stride(1))
     cfg = _SHRINK[_key(R, a.dtype)]  # x is cast to A's dtype: A's dtype is the dot's
     S, k_split = _splits(triton.cdiv(M, cfg.BM), K, cfg.BK, x.device)
-    out = _shrink_out(M, R, S, out_dtype, x.device, raw)
+    out = torch.empty((S, M, R), device=x.device, dtype=torch.float32)
     args = dict(M=M, K=K, R=R, k_split=k_split, stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ar=stride_ar,
-                stride_ak=stride_ak, stride_os=out.stride(0) if out.dim() == 3 else 0, stride_om=out.stride(-2),
-                stride_or=out.stride(-1), **_shrink_dynamic(x, a, out, seed, scale, p))
+                stride_ak=stride_ak, stride_os=out.stride(0), stride_om=out.stride(1), stride_or=out.stride(2),
+                **_shrink_dynamic(x, a, out, seed, scale, p))
     constexprs = dict(BM=cfg.BM, BK=cfg.BK, BR=_block_rank(R), HAS_DROPOUT=p > 0.0,
                       SPLIT=_split(x.dtype, a.dtype, SPLIT_B), DOT_PREC=_dot_precision())
     spec = KernelSpec("lora_shrink", lora_shrink_kernel, args, constexprs, cfg.num_warps, cfg.num_stages,
                       (triton.cdiv(M, cfg.BM), S))
     return spec, S
-
-
-def _shrink_out(M, R, S, out_dtype, device, raw=False) -> Tensor:
-    if S == 1 and not raw:
-        return torch.empty((M, R), device=device, dtype=out_dtype)
-    return torch.empty((S, M, R), device=device, dtype=torch.float32)
 
 
 def _shrink_dynamic(x, a, out, seed, scale, p) -> dict:
@@ -129,46 +124,40 @@ _SHRINK_DYNAMIC = frozenset(_shrink_dynamic(*[torch.empty(1)] * 4, 1.0, 0.0))
 _SHRINK_PLANS = PlanCache()
 
 
-def _shrink(x, a, scale, dropout_p, seed, out_dtype, transposed, raw) -> tuple[Tensor, int]:
-    key = (_meta(x), _meta(a), out_dtype, transposed, raw, dropout_p > 0.0, _dot_precision())
+def shrink(x: Tensor, a: Tensor, scale: float, dropout_p: float, seed: Tensor | None,
+           transposed: bool = False) -> Tensor:
+    """scale * drop(x) A^T as fp32 partial sums over S ranges of K, [S, M, R]: x [M, K]; a [R, K] (or [K, R] with
+    ``transposed``: B, for g = s dY B)."""
+    key = (_meta(x), _meta(a), transposed, dropout_p > 0.0, _dot_precision())
     hit = _SHRINK_PLANS.get(key)
     if hit is None:
-        spec, S = _plan_shrink(x, a, scale, dropout_p, seed, out_dtype, transposed, raw)
+        spec, S = _plan_shrink(x, a, scale, dropout_p, seed, transposed)
         _check_device(dict(x=x, a=a, seed=seed))
         _SHRINK_PLANS.put(key, (LaunchPlan.of(spec, _SHRINK_DYNAMIC), S))
-        out = spec.args["out_ptr"]
         _launch(spec, x.device)
-        return out, S
+        return spec.args["out_ptr"]
     plan, S = hit
-    out = _shrink_out(x.shape[0], plan.static["R"], S, out_dtype, x.device, raw)
+    out = torch.empty((S, x.shape[0], plan.static["R"]), device=x.device, dtype=torch.float32)
     plan.launch(x.device, _shrink_dynamic(x, a, out, seed, scale, dropout_p))
-    return out, S
+    return out
 
 
-def shrink(x: Tensor, a: Tensor, scale: float, dropout_p: float, seed: Tensor | None, out_dtype: torch.dtype,
-           transposed: bool = False) -> Tensor:
-    """scale * drop(x) A^T: x [M, K]; a [R, K] (or [K, R] with ``transposed``: B for g = s dY B). [M, R] out_dtype."""
-    out, S = _shrink(x, a, scale, dropout_p, seed, out_dtype, transposed, False)
-    if S == 1:
-        return out
-    out = out.sum(0)
-    return out if out_dtype == torch.float32 else out.to(out_dtype)
-
-
-def shrink_partials(x: Tensor, a: Tensor, dropout_p: float, seed: Tensor | None) -> Tensor:
-    """drop(x) A^T as its fp32 partial sums over S ranges of K, [S, M, R] (S >= 1): for a consumer that adds them
-    itself (the fused decode kernel at high rank), saving the sum and cast launches."""
-    return _shrink(x, a, 1.0, dropout_p, seed, torch.float32, False, True)[0]
+def _parts(t: Tensor) -> tuple[int, int, int, int]:
+    """(S, stride over S, over rows, over R) of a rank operand: the shrink's [S, M, R] partials or a plain [M, R]."""
+    if t.dim() == 3:
+        return t.shape[0], t.stride(0), t.stride(1), t.stride(2)
+    _check_2d("xa", t)
+    return 1, 0, t.stride(0), t.stride(1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # expand
 
 
-def _plan_expand(xa, b, lora_bias, bias, residual, scale, p, seed, out_dtype, transposed) -> KernelSpec:
-    _check_2d("xa", xa)
-    _check_2d("lora_b", b)
-    M, R = xa.shape
+def _plan_expand(xa, b, lora_bias, bias, residual, scale, p, seed, out_dtype, transposed,
+                 xa_dtype=None) -> tuple[KernelSpec, Tensor, Tensor | None]:
+    S, stride_xas, stride_xam, stride_xar = _parts(xa)
+    M, R = xa.shape[-2:]
     N, rb = (b.shape[1], b.shape[0]) if transposed else b.shape
     if rb != R:
         raise ValueError(f"expand: xa has rank {R}, the adapter matrix {tuple(b.shape)} has {rb}")
@@ -181,46 +170,57 @@ def _plan_expand(xa, b, lora_bias, bias, residual, scale, p, seed, out_dtype, tr
         _check_tensor("residual", residual, (M, N), (out_dtype,))
     _check_device(dict(xa=xa, b=b, lora_bias=lora_bias, bias=bias, residual=residual))
     cfg = _EXPAND[_key(R, b.dtype)]  # xa (or g) is cast to B's (or A's) dtype
-    out = torch.empty((M, N), device=xa.device, dtype=out_dtype)
-    res = residual if residual is not None else out
-    args = dict(M=M, N=N, R=R, stride_xam=xa.stride(0), stride_xar=xa.stride(1), stride_bn=stride_bn,
-                stride_br=stride_br, stride_rm=res.stride(0), stride_rn=res.stride(1), stride_om=out.stride(0),
-                stride_on=out.stride(1), **_expand_dynamic(xa, b, lora_bias, bias, residual, out, seed, scale, p))
+    out, xs = _expand_out(M, N, R, out_dtype, xa_dtype, xa.device)
+    res, xs_out = residual if residual is not None else out, xs if xs is not None else out
+    args = dict(M=M, N=N, R=R, S=S, stride_xas=stride_xas, stride_xam=stride_xam, stride_xar=stride_xar,
+                stride_bn=stride_bn, stride_br=stride_br, stride_rm=res.stride(0), stride_rn=res.stride(1),
+                stride_om=out.stride(0), stride_on=out.stride(1), stride_xsm=xs_out.stride(0),
+                stride_xsr=xs_out.stride(1),
+                **_expand_dynamic(xa, b, lora_bias, bias, residual, out, xs, seed, scale, p))
     constexprs = dict(BM=cfg.BM, BN=cfg.BN, BRK=min(cfg.BK, _block_rank(R)), GROUP_M=_GROUP_M,
-                      HAS_LORA_BIAS=lora_bias is not None,
-                      HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None, HAS_DROPOUT=p > 0.0,
+                      HAS_LORA_BIAS=lora_bias is not None, HAS_BIAS=bias is not None,
+                      HAS_RESIDUAL=residual is not None, HAS_DROPOUT=p > 0.0, STORE_XA=xs is not None,
                       SPLIT=SPLIT_AB if out_dtype != torch.float32 and _split(torch.bfloat16, b.dtype, 1) else
                       SPLIT_NONE, DOT_PREC=_dot_precision())
     grid = (triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN),)
-    return KernelSpec("lora_expand", lora_expand_kernel, args, constexprs, cfg.num_warps, cfg.num_stages, grid)
+    spec = KernelSpec("lora_expand", lora_expand_kernel, args, constexprs, cfg.num_warps, cfg.num_stages, grid)
+    return spec, out, xs
 
 
-def _expand_dynamic(xa, b, lora_bias, bias, residual, out, seed, scale, p) -> dict:
+def _expand_out(M, N, R, out_dtype, xa_dtype, device) -> tuple[Tensor, Tensor | None]:
+    out = torch.empty((M, N), device=device, dtype=out_dtype)
+    return out, (None if xa_dtype is None else torch.empty((M, R), device=device, dtype=xa_dtype))
+
+
+def _expand_dynamic(xa, b, lora_bias, bias, residual, out, xs, seed, scale, p) -> dict:
     return dict(xa_ptr=xa, b_ptr=b, lbias_ptr=lora_bias if lora_bias is not None else b,
                 bias_ptr=bias if bias is not None else out, res_ptr=residual if residual is not None else out,
-                out_ptr=out, seed_ptr=_seed_ptr(seed, out), scale=float(scale), **_dropout_args(p))
+                out_ptr=out, xs_ptr=xs if xs is not None else out, seed_ptr=_seed_ptr(seed, out),
+                scale=float(scale), **_dropout_args(p))
 
 
-_EXPAND_DYNAMIC = frozenset(_expand_dynamic(*[torch.empty(1)] * 7, 1.0, 0.0))
+_EXPAND_DYNAMIC = frozenset(_expand_dynamic(*[torch.empty(1)] * 8, 1.0, 0.0))
 _EXPAND_PLANS = PlanCache()
 
 
 def expand(xa: Tensor, b: Tensor, lora_bias: Tensor | None, bias: Tensor | None, residual: Tensor | None,
-           scale: float, dropout_p: float, seed: Tensor | None, out_dtype: torch.dtype,
-           transposed: bool = False) -> Tensor:
-    """drop(scale (xa B^T + lora_bias)) + bias + residual: xa [M, R]; b [N, R] (or [R, N] with ``transposed``: A
-    for t = g A). [M, N] in out_dtype."""
-    key = (_meta(xa), _meta(b), _meta(lora_bias), _meta(bias), _meta(residual), out_dtype, transposed,
+           scale: float, dropout_p: float, seed: Tensor | None, out_dtype: torch.dtype, transposed: bool = False,
+           xa_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor | None]:
+    """drop(scale (xa B^T + lora_bias)) + bias + residual, [M, N] in out_dtype: xa [S, M, R] partials (or [M, R]);
+    b [N, R] (or [R, N] with ``transposed``: A, for t = g A). With ``xa_dtype`` also xa itself, summed and
+    rounded to that dtype, [M, R] (else None)."""
+    key = (_meta(xa), _meta(b), _meta(lora_bias), _meta(bias), _meta(residual), out_dtype, transposed, xa_dtype,
            dropout_p > 0.0, _dot_precision())
     plan = _EXPAND_PLANS.get(key)
     if plan is None:
-        spec = _plan_expand(xa, b, lora_bias, bias, residual, scale, dropout_p, seed, out_dtype, transposed)
+        spec, out, xs = _plan_expand(xa, b, lora_bias, bias, residual, scale, dropout_p, seed, out_dtype, transposed,
+                                     xa_dtype)
         _EXPAND_PLANS.put(key, LaunchPlan.of(spec, _EXPAND_DYNAMIC))
         _launch(spec, xa.device)
-        return spec.args["out_ptr"]
-    out = torch.empty((xa.shape[0], plan.static["N"]), device=xa.device, dtype=out_dtype)
-    plan.launch(xa.device, _expand_dynamic(xa, b, lora_bias, bias, residual, out, seed, scale, dropout_p))
-    return out
+        return out, xs
+    out, xs = _expand_out(xa.shape[-2], plan.static["N"], plan.static["R"], out_dtype, xa_dtype, xa.device)
+    plan.launch(xa.device, _expand_dynamic(xa, b, lora_bias, bias, residual, out, xs, seed, scale, dropout_p))
+    return out, xs
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -228,9 +228,9 @@ def expand(xa: Tensor, b: Tensor, lora_bias: Tensor | None, bias: Tensor | None,
 
 
 def _plan_wgrad(g, x, param, scale, p, seed, rows_r) -> tuple[KernelSpec, int]:
-    _check_2d("g", g)
+    S_g, stride_gs, stride_gm, stride_gr = _parts(g)
     _check_2d("x", x)
-    (M, R), C = g.shape, x.shape[1]
+    (M, R), C = g.shape[-2:], x.shape[1]
     if x.shape[0] != M:
         raise ValueError(f"wgrad: g has {M} rows, x has {x.shape[0]}")
     _check_tensor("param", param, (R, C) if rows_r else (C, R))
@@ -238,9 +238,10 @@ def _plan_wgrad(g, x, param, scale, p, seed, rows_r) -> tuple[KernelSpec, int]:
     S, m_split = _splits(triton.cdiv(C, cfg.BN), M, cfg.BM, x.device)
     out = _wgrad_out(R, C, S, param.dtype, rows_r, x.device)
     stride_or, stride_oc = (out.stride(-2), out.stride(-1)) if rows_r else (out.stride(-1), out.stride(-2))
-    args = dict(M=M, C=C, R=R, m_split=m_split, stride_gm=g.stride(0), stride_gr=g.stride(1), stride_xm=x.stride(0),
-                stride_xc=x.stride(1), stride_os=out.stride(0) if S > 1 else 0, stride_or=stride_or,
-                stride_oc=stride_oc, **_wgrad_dynamic(g, x, param, out, seed, scale, p))
+    args = dict(M=M, C=C, R=R, m_split=m_split, S_g=S_g, stride_gs=stride_gs, stride_gm=stride_gm,
+                stride_gr=stride_gr, stride_xm=x.stride(0), stride_xc=x.stride(1),
+                stride_os=out.stride(0) if S > 1 else 0, stride_or=stride_or, stride_oc=stride_oc,
+                **_wgrad_dynamic(g, x, param, out, seed, scale, p))
     constexprs = dict(BM=cfg.BM, BC=cfg.BN, BR=_block_rank(R), HAS_DROPOUT=p > 0.0,
                       SPLIT=_split(x.dtype, param.dtype, SPLIT_A), DOT_PREC=_dot_precision())
     spec = KernelSpec("lora_wgrad", lora_wgrad_kernel, args, constexprs, cfg.num_warps, cfg.num_stages,
@@ -266,10 +267,9 @@ _WGRAD_PLANS = PlanCache()
 
 def wgrad(g: Tensor, x: Tensor, param: Tensor, scale: float, dropout_p: float, seed: Tensor | None,
           rows_r: bool) -> Tensor:
-    """scale * g^T drop(x) reduced over the M rows: g [M, R], x [M, C]; the result in ``param``'s dtype and layout,
-    [R, C] (``rows_r``: dA) or [C, R] (dB)."""
-    M = g.shape[0]
-    if M == 0:  # a sum over no rows
+    """scale * g^T drop(x) reduced over the M rows: g [M, R] (or the shrink's [S, M, R] partials), x [M, C]; the
+    result in ``param``'s dtype and layout, [R, C] (``rows_r``: dA) or [C, R] (dB)."""
+    if x.shape[0] == 0:  # a sum over no rows
         return torch.zeros(param.shape, device=param.device, dtype=param.dtype)
     key = (_meta(g), _meta(x), _meta(param), rows_r, dropout_p > 0.0, _dot_precision())
     hit = _WGRAD_PLANS.get(key)
@@ -285,7 +285,7 @@ def wgrad(g: Tensor, x: Tensor, param: Tensor, scale: float, dropout_p: float, s
         plan.launch(x.device, _wgrad_dynamic(g, x, param, out, seed, scale, dropout_p))
     if S == 1:
         return out
-    out = out.sum(0)
+    out = out.sum(0)  # the M ranges' partials, in a fixed order
     return out if param.dtype == torch.float32 else out.to(param.dtype)
 
 
@@ -311,11 +311,12 @@ def split_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_a: Ten
     w_t = _base_weight(weight, N, K, x.dtype, weight_t)
     if bias is not None and weight is None:
         raise ValueError("bias without weight: the base term is absent, pass bias=None")
-    xa = shrink(x, lora_a, 1.0, dropout_p, seed, lora_a.dtype)
-    y = expand(xa, lora_b, lora_bias, bias, residual, scaling, 0.0, None, x.dtype)
+    part = shrink(x, lora_a, 1.0, dropout_p, seed)
+    y, xa = expand(part, lora_b, lora_bias, bias, residual, scaling, 0.0, None, x.dtype,
+                   xa_dtype=lora_a.dtype if store_xa else None)
     if w_t is not None:
         y.addmm_(x, w_t)
-    return y, xa if store_xa else None
+    return y, xa
 
 
 def split_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, lora_a: Tensor, lora_b: Tensor, xa: Tensor | None,
@@ -334,9 +335,9 @@ def split_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, lora_a: Tensor, lora
         _check_tensor("xa", xa, (M, lora_a.shape[0]), (lora_a.dtype,))
     dx = da = db = None
     if need_dx or need_da:
-        g = shrink(dy, lora_b, scaling, 0.0, None, torch.float32, transposed=True)  # [M, R] fp32
+        g = shrink(dy, lora_b, scaling, 0.0, None, transposed=True)  # [S, M, R] fp32 partials
         if need_dx:
-            dx = expand(g, lora_a, None, None, None, 1.0, dropout_p, seed, x.dtype, transposed=True)
+            dx, _ = expand(g, lora_a, None, None, None, 1.0, dropout_p, seed, x.dtype, transposed=True)
             if w is not None:
                 dx.addmm_(dy, w.t())
         if need_da:
@@ -369,7 +370,8 @@ def _bytes(t) -> int:
 
 
 def _kernel_step(spec: KernelSpec, S: int) -> list[CostStep]:
-    """The Triton launch's compulsory bytes and FLOPs (and its re-reads), plus the partials' sum when S > 1."""
+    """The Triton launch's compulsory bytes and FLOPs (and its re-reads), plus the sum of wgrad's partials when its
+    S > 1 (the shrink's partials are summed by their consumers as they load them)."""
     a, c = spec.args, spec.constexprs
     M, R = a["M"], a["R"]
     out = a["out_ptr"]
@@ -382,18 +384,19 @@ def _kernel_step(spec: KernelSpec, S: int) -> list[CostStep]:
     elif spec.name == "lora_expand":
         xa, b, N = a["xa_ptr"], a["b_ptr"], a["N"]
         flops, rate = 2 * M * N * R, _rate(c["SPLIT"], b.dtype)
-        dram = M * R * xa.element_size() + N * R * b.element_size() + _bytes(out)
+        dram = _bytes(xa) + N * R * b.element_size() + _bytes(out)
+        dram += _bytes(a["xs_ptr"]) if c["STORE_XA"] else 0
         dram += (N * b.element_size() if c["HAS_LORA_BIAS"] else 0) + (N * out.element_size() if c["HAS_BIAS"] else 0)
         dram += _bytes(out) if c["HAS_RESIDUAL"] else 0
         num_m, num_n = triton.cdiv(M, c["BM"]), triton.cdiv(N, c["BN"])
-        l2 = (num_n - 1) * M * R * xa.element_size() + (num_m - 1) * N * R * b.element_size()
+        l2 = (num_n - 1) * _bytes(xa) + (num_m - 1) * N * R * b.element_size()
     else:
         g, x, C = a["g_ptr"], a["x_ptr"], a["C"]
         flops, rate = 2 * M * C * R, _rate(c["SPLIT"], a["ref_ptr"].dtype)
-        dram = M * R * g.element_size() + M * C * x.element_size() + _bytes(out)
-        l2 = (spec.grid[0] - 1) * M * R * g.element_size()  # every column block reads all of g
+        dram = _bytes(g) + M * C * x.element_size() + _bytes(out)
+        l2 = (spec.grid[0] - 1) * _bytes(g)  # every column block reads all of g
     steps = [CostStep(spec.name, "triton", flops, rate[0], rate[1], dram, l2)]
-    if S > 1:  # Tensor.sum(0) of the fp32 partials (and the cast)
+    if spec.name == "lora_wgrad" and S > 1:  # Tensor.sum(0) of the fp32 partials (and a cast to 16 bits)
         steps.append(CostStep(f"{spec.name}_sum", "torch", 0, "none", 1, _bytes(out) * (S + 1) // S, 0))
     return steps
 
@@ -410,12 +413,13 @@ def split_specs(M, N, K, R, x_dtype, a_dtype, dropout_p, train) -> list[tuple[Ke
     with bias; the cuBLAS calls between them are in ``split_cost_steps``."""
     x, w, bias, a, b, dy, xa, seed = _meta_tensors(M, N, K, R, x_dtype, a_dtype)
     p = dropout_p
-    out = [_plan_shrink(x, a, 1.0, p, seed, a_dtype, False), (_plan_expand(xa, b, None, bias, None, 2.0, 0.0, None,
-                                                                          x_dtype, False), 1)]
+    shrink_x = _plan_shrink(x, a, 1.0, p, seed, False)
+    part = shrink_x[0].args["out_ptr"]
+    out = [shrink_x, (_plan_expand(part, b, None, bias, None, 2.0, 0.0, None, x_dtype, False, a_dtype)[0], 1)]
     if train:
-        g = torch.empty((M, R), dtype=torch.float32, device="meta")
-        out += [_plan_shrink(dy, b, 2.0, 0.0, None, torch.float32, True),
-                (_plan_expand(g, a, None, None, None, 1.0, p, seed, x_dtype, True), 1),
+        shrink_dy = _plan_shrink(dy, b, 2.0, 0.0, None, True)
+        g = shrink_dy[0].args["out_ptr"]
+        out += [shrink_dy, (_plan_expand(g, a, None, None, None, 1.0, p, seed, x_dtype, True)[0], 1),
                 _plan_wgrad(g, x, a, 1.0, p, seed, True), _plan_wgrad(xa, dy, b, 2.0, 0.0, None, False)]
     return out
 

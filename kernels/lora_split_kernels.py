@@ -134,18 +134,21 @@ def lora_shrink_kernel(
 
 @triton.jit
 def lora_expand_kernel(
-    xa_ptr, b_ptr, lbias_ptr, bias_ptr, res_ptr, out_ptr, seed_ptr,
-    M, N, R,
-    stride_xam, stride_xar, stride_bn, stride_br, stride_rm, stride_rn, stride_om, stride_on,
+    xa_ptr, b_ptr, lbias_ptr, bias_ptr, res_ptr, out_ptr, xs_ptr, seed_ptr,
+    M, N, R, S,
+    stride_xas, stride_xam, stride_xar, stride_bn, stride_br, stride_rm, stride_rn, stride_om, stride_on,
+    stride_xsm, stride_xsr,
     scale, p, drop_scale,
     BM: tl.constexpr, BN: tl.constexpr, BRK: tl.constexpr, GROUP_M: tl.constexpr, HAS_LORA_BIAS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_XA: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """out[m, n] = drop(scale * (xa[m, :] B[n, :]^T + b_B[n])) + bias[n] + residual[m, n], rounded once.
 
     Grid cdiv(M, BM) * cdiv(N, BN), grouped so that programs sharing xa's rows run together. A dot of depth R per
-    program (in chunks of BRK): the kernel is bound by the store of out. xa is rounded to B's dtype before it."""
+    program (in chunks of BRK): the kernel is bound by the store of out. xa comes as the shrink's S fp32 partial
+    sums [S, M, R], added here in a fixed order and rounded to B's dtype before the dot (STORE_XA: the programs of
+    the first column block store it, in xs's dtype, for the backward)."""
     b_dtype = b_ptr.dtype.element_ty
     i_m, i_n = _tile_ids(tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
     o_m = i_m * BM + tl.arange(0, BM)  # [BM] int64
@@ -157,7 +160,15 @@ def lora_expand_kernel(
     for r0 in range(0, R, BRK):  # R in chunks: a [BM, R] x [R, BN] dot held whole spills at R = 128-256 in fp32
         o_r = r0 + tl.arange(0, BRK)  # [BRK]
         m_r = o_r < R
-        b_xa = tl.load(p_xa0 + o_r[None, :] * stride_xar, mask=m_m[:, None] & m_r[None, :], other=0.0)  # [BM, BRK]
+        p_xa = p_xa0 + o_r[None, :] * stride_xar  # [BM, BRK]
+        m_xa = m_m[:, None] & m_r[None, :]
+        b_xa = tl.zeros([BM, BRK], dtype=tl.float32)
+        for i_part in range(0, S):
+            b_xa += tl.load(p_xa + i_part * stride_xas, mask=m_xa, other=0.0).to(tl.float32)
+        if STORE_XA:
+            if i_n == 0:
+                p_xs = xs_ptr + o_m[:, None] * stride_xsm + o_r[None, :] * stride_xsr  # [BM, BRK]
+                tl.store(p_xs, b_xa.to(xs_ptr.dtype.element_ty), mask=m_xa)
         b_b = tl.load(p_b0 + o_r[:, None] * stride_br, mask=m_r[:, None] & m_n[None, :], other=0.0)  # [BRK, BN]
         b_acc = _mma(b_xa.to(b_dtype), b_b, b_acc, SPLIT, DOT_PREC)
     if HAS_LORA_BIAS:
@@ -179,8 +190,8 @@ def lora_expand_kernel(
 @triton.jit
 def lora_wgrad_kernel(
     g_ptr, x_ptr, ref_ptr, out_ptr, seed_ptr,
-    M, C, R, m_split,
-    stride_gm, stride_gr, stride_xm, stride_xc, stride_os, stride_or, stride_oc,
+    M, C, R, m_split, S_g,
+    stride_gs, stride_gm, stride_gr, stride_xm, stride_xc, stride_os, stride_or, stride_oc,
     scale, p, drop_scale,
     BM: tl.constexpr, BC: tl.constexpr, BR: tl.constexpr, HAS_DROPOUT: tl.constexpr, SPLIT: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -188,7 +199,8 @@ def lora_wgrad_kernel(
     """out[s, :, c] = scale * g[ms, :]^T drop(x)[ms, c] over the row range ms = [s m_split, (s + 1) m_split).
 
     Grid (cdiv(C, BC), S). dA: g = s dY B, x = x, C = K. dB: g = xa, x = dY, C = N (out written through the
-    transposed strides). Both operands are rounded to the parameter's dtype (``ref_ptr``'s, never read)."""
+    transposed strides). g may come as S_g fp32 partial sums (the shrink's), added in a fixed order. Both operands
+    are rounded to the parameter's dtype (``ref_ptr``'s, never read)."""
     w_dtype = ref_ptr.dtype.element_ty
     i_c = tl.program_id(0).to(tl.int64)
     i_s = tl.program_id(1).to(tl.int64)
@@ -205,7 +217,10 @@ def lora_wgrad_kernel(
     for m0 in range(m_lo, m_hi, BM):
         o_m = m0 + tl.arange(0, BM)  # [BM] int64
         m_m = o_m < m_hi
-        b_gt = tl.load(p_g0 + o_m[None, :] * stride_gm, mask=m_r[:, None] & m_m[None, :], other=0.0)  # [BR, BM]
+        p_g = p_g0 + o_m[None, :] * stride_gm  # [BR, BM]
+        b_gt = tl.zeros([BR, BM], dtype=tl.float32)
+        for i_part in range(0, S_g):
+            b_gt += tl.load(p_g + i_part * stride_gs, mask=m_r[:, None] & m_m[None, :], other=0.0).to(tl.float32)
         b_x = tl.load(p_x0 + o_m[:, None] * stride_xm, mask=m_m[:, None] & m_c[None, :], other=0.0)  # [BM, BC]
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, o_m, i_c * BC, C, p, BM, BC)  # [BM, BC]

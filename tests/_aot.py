@@ -79,11 +79,11 @@ def flag_variants() -> list:
     # with dropout alone, both wgrad variants; here the rest
     M = 4096
     x, xa, res = (torch.empty(s, dtype=dt, device="meta") for s, dt in (((M, K), bf16), ((M, R), f32), ((M, N), bf16)))
-    out.append(("flags-shrink-no-dropout", _plan_shrink(x, a, 1.0, 0.0, None, f32, False)[0]))
+    out.append(("flags-shrink-no-dropout", _plan_shrink(x, a, 1.0, 0.0, None, False)[0]))
     expand = dict(xa=xa, b=b, lora_bias=lb, bias=bias, residual=res, scale=2.0, p=0.1, seed=seed, out_dtype=bf16,
-                  transposed=False)
-    for name, over in {"all": {}, "bare": dict(lora_bias=None, bias=None, residual=None, p=0.0)}.items():
-        out.append((f"flags-expand-{name}", _plan_expand(**{**expand, **over})))
+                  transposed=False, xa_dtype=f32)
+    for name, over in {"all": {}, "bare": dict(lora_bias=None, bias=None, residual=None, p=0.0, xa_dtype=None)}.items():
+        out.append((f"flags-expand-{name}", _plan_expand(**{**expand, **over})[0]))
     out.append(("flags-dropout-mask", _plan_mask(seed, M, K, 0.1, "meta")[0]))
     return out + _ia3_flag_variants() + _prefix_flag_variants()
 
