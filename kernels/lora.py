@@ -172,9 +172,7 @@ def lora_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_a: Tens
     _check_dropout(dropout_p, seed)
     seed_t = _seed_tensor(seed, x.device) if dropout_p > 0.0 else None
     if x.shape[0] > DECODE_ROWS:
-        M, N, K, R = _adapter_shapes(x, lora_a, lora_b)
-        _check_device(dict(x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, lora_bias=lora_bias,
-                           residual=residual))
+        _adapter_shapes(x, lora_a, lora_b)
         return split_fwd(x, weight, bias, lora_a, lora_b, lora_bias, residual, scaling, dropout_p, seed_t,
                          weight_t=weight_t, store_xa=store_xa)
     key = (_meta(x), _meta(weight), _meta(bias), _meta(lora_a), _meta(lora_b), _meta(lora_bias), _meta(residual),
@@ -208,7 +206,6 @@ def lora_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, lora_a: Tensor, lora_
     """
     _adapter_shapes(x, lora_a, lora_b)
     _check_dropout(dropout_p, seed)
-    _check_device(dict(dy=dy, x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, xa=xa if need_db else None))
     seed_t = _seed_tensor(seed, x.device) if dropout_p > 0.0 else None
     return split_bwd(dy, x, weight, lora_a, lora_b, xa, scaling, dropout_p, seed_t, weight_t=weight_t,
                      need_dx=need_dx, need_da=need_da, need_db=need_db)

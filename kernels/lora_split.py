@@ -301,21 +301,39 @@ def _base_weight(weight, N, K, dtype, weight_t) -> Tensor | None:
     return weight if weight_t else weight.t()
 
 
+# (metadata of a layer call) for the calls whose layer-level checks passed: a repeated call (every training step)
+# skips them, as the launchers skip theirs on a kept plan
+_CHECKED = PlanCache()
+
+
+def _checked(key: tuple, check) -> None:
+    if _CHECKED.get(key) is None:
+        check()
+        _CHECKED.put(key, True)
+
+
 def split_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
               lora_bias: Tensor | None, residual: Tensor | None, scaling: float, dropout_p: float,
               seed: Tensor | None, weight_t: bool = False, store_xa: bool = True) -> tuple[Tensor, Tensor | None]:
     """y = residual + x W^T + bias + s (drop(x) A^T B^T + lora_bias) and xa = drop(x) A^T: shrink, expand (bias and
-    residual folded in), then cuBLAS adds x W^T into it in place. Arguments as ``lora.lora_fwd``."""
+    residual folded in), then cuBLAS adds x W^T into it in place. Arguments as ``lora.lora_fwd`` (shapes of x and
+    the adapters checked by the caller)."""
     M, K = x.shape
     N = lora_b.shape[0]
-    w_t = _base_weight(weight, N, K, x.dtype, weight_t)
-    if bias is not None and weight is None:
-        raise ValueError("bias without weight: the base term is absent, pass bias=None")
+
+    def check():
+        _base_weight(weight, N, K, x.dtype, weight_t)
+        if bias is not None and weight is None:
+            raise ValueError("bias without weight: the base term is absent, pass bias=None")
+        _check_device(dict(x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, lora_bias=lora_bias,
+                           residual=residual))
+
+    _checked(("fwd", _meta(x), _meta(weight), _meta(bias), _meta(lora_a), _meta(lora_b), weight_t), check)
     part = shrink(x, lora_a, 1.0, dropout_p, seed)
     y, xa = expand(part, lora_b, lora_bias, bias, residual, scaling, 0.0, None, x.dtype,
                    xa_dtype=lora_a.dtype if store_xa else None)
-    if w_t is not None:
-        y.addmm_(x, w_t)
+    if weight is not None:
+        y.addmm_(x, weight if weight_t else weight.t())
     return y, xa
 
 
@@ -323,23 +341,29 @@ def split_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, lora_a: Tensor, lora
               scaling: float, dropout_p: float, seed: Tensor | None, weight_t: bool = False, need_dx: bool = True,
               need_da: bool = True, need_db: bool = True) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """dx = dy W + keep / (1 - p) (s dy B) A, da = (s dy B)^T drop(x), db = s dy^T xa. Arguments as
-    ``lora.lora_bwd``."""
+    ``lora.lora_bwd`` (shapes of x and the adapters checked by the caller)."""
     M, K = x.shape
     N = lora_b.shape[0]
-    _check_2d("dy", dy)
-    _check_tensor("dy", dy, (M, N), (x.dtype,))
-    w = _base_weight(weight, N, K, x.dtype, weight_t)
-    if need_db:
-        if xa is None:
-            raise ValueError("need_db needs xa (the forward's drop(x) A^T): call lora_fwd with store_xa=True")
-        _check_tensor("xa", xa, (M, lora_a.shape[0]), (lora_a.dtype,))
+
+    def check():
+        _check_2d("dy", dy)
+        _check_tensor("dy", dy, (M, N), (x.dtype,))
+        _base_weight(weight, N, K, x.dtype, weight_t)
+        if need_db:
+            if xa is None:
+                raise ValueError("need_db needs xa (the forward's drop(x) A^T): call lora_fwd with store_xa=True")
+            _check_tensor("xa", xa, (M, lora_a.shape[0]), (lora_a.dtype,))
+        _check_device(dict(dy=dy, x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, xa=xa if need_db else None))
+
+    _checked(("bwd", _meta(dy), _meta(x), _meta(weight), _meta(lora_a), _meta(lora_b),
+              _meta(xa) if need_db else None, weight_t, need_db), check)
     dx = da = db = None
     if need_dx or need_da:
         g = shrink(dy, lora_b, scaling, 0.0, None, transposed=True)  # [S, M, R] fp32 partials
         if need_dx:
             dx, _ = expand(g, lora_a, None, None, None, 1.0, dropout_p, seed, x.dtype, transposed=True)
-            if w is not None:
-                dx.addmm_(dy, w.t())
+            if weight is not None:
+                dx.addmm_(dy, weight.t() if weight_t else weight)
         if need_da:
             da = wgrad(g, x, lora_a, 1.0, dropout_p, seed, rows_r=True)
     if need_db:
