@@ -395,3 +395,33 @@ def test_grad_call_is_one_forward_and_one_backward_op(case, extra):
         y = run_op(t, p=0.1, seed=seed_tensor(5))
         torch.autograd.grad(y, [t[name] for name in diff_inputs(t)], dy)
     assert log.names == ["fastpeft.lora_linear", "fastpeft.lora_linear_backward", *extra]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_traced_step_draws_a_fresh_mask_per_replay(dev, backend):
+    """What a captured CUDA graph needs, shown by tracing (make_fx records ops, not values, as a capture does): a
+    training step whose seed is drawn inside it by ``new_seed`` replays with a fresh seed, hence a fresh mask, every
+    time, and each replay's gradients are those of an eager step with the seed it drew. The Triton path reads the
+    seed tensor inside the kernels, the torch path on the host."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fastpeft.ops.linear import TRITON
+
+    bk = TRITON if backend == "triton" else TORCH
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(20, 24, generator=g).to(dev), torch.randn(16, 24, generator=g).to(dev)
+    a, b = torch.randn(4, 24, generator=g).to(dev), torch.randn(16, 4, generator=g).to(dev)
+
+    def step(x, w, a, b, seed=None):
+        a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
+        seed = new_seed(x.device) if seed is None else seed
+        y = lora_linear(x, w, None, a, b, scaling=2.0, dropout_p=0.5, seed=seed, backend=bk)
+        return (y, *torch.autograd.grad(y.square().sum(), (a, b)), seed)
+
+    traced = make_fx(lambda x, w, a, b: step(x, w, a, b))(x, w, a, b)
+    runs = [traced(x, w, a, b) for _ in range(2)]
+    assert int(runs[0][3]) != int(runs[1][3]) and not torch.equal(runs[0][0], runs[1][0])
+    for y, ga, gb, seed in runs:
+        ey, ega, egb, _ = step(x, w, a, b, seed=seed.clone())
+        for name, got, want in (("y", y, ey), ("dA", ga, ega), ("dB", gb, egb)):
+            assert torch.equal(got, want), f"{name}: a replay differs from the eager step with its seed"
