@@ -96,10 +96,12 @@ def test_ia3_opcheck():
 @pytest.mark.parametrize("scale_input", [False, True], ids=["out", "in"])
 @pytest.mark.parametrize("weight_t", [False, True], ids=["linear", "conv1d"])
 @pytest.mark.parametrize("dts", [DTYPES[0], DTYPES[2]], ids=_ids)
-def test_ia3_triton_matches_reference(scale_input, weight_t, dts, device, poison_empty):
+@pytest.mark.parametrize("m", [8, 33], ids=["decode", "prefill"])
+def test_ia3_triton_matches_reference(scale_input, weight_t, dts, m, device, poison_empty):
+    """backend "triton": the fused launch at decode sizes, cuBLAS plus one scaling pass above them."""
     dt, lt = dts
-    x, w, b, l = (t.to(device) for t in _make(33, 40, 24, dt, lt, scale_input, weight_t, bias=True))
-    dy = torch.randn(33, 24, generator=torch.Generator().manual_seed(1)).to(dt).to(device)
+    x, w, b, l = (t.to(device) for t in _make(m, 40, 24, dt, lt, scale_input, weight_t, bias=True))
+    dy = torch.randn(m, 24, generator=torch.Generator().manual_seed(1)).to(dt).to(device)
     fused = _run(lambda x, w, b, l: ia3_linear(x, w, b, l, scale_input, weight_t, TRITON), x, w, b, l, dy)
     eager = _run(lambda x, w, b, l: ia3_linear_ref(x, w, b, l, scale_input, weight_t), x, w, b, l, dy)
     f64 = [t.double() for t in (x, w, b, l)]
@@ -109,3 +111,31 @@ def test_ia3_triton_matches_reference(scale_input, weight_t, dts, device, poison
             assert_close(a, e, name=name)
         else:
             assert_close_ratio(a, e, o.to(a.dtype), dtype=dt if name != "dl" else lt, name=name)
+
+
+class _Gemms(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func.overloadpacket) in ("aten.mm", "aten.addmm", "aten.linear", "aten.matmul"):
+            self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("scale_input", [False, True], ids=["out", "in"])
+def test_ia3_base_product_is_cublas_above_decode(scale_input, device):
+    """Inside the op's implementation on the Triton path: above 16 rows the base product (and the backward's
+    dY W) is an aten matmul, cuBLAS on a GPU; at decode sizes none is (the fused launch does it)."""
+    from fastpeft.ops.ia3 import _ia3_bwd, _ia3_fwd
+
+    for m, want in ((40, 1), (8, 0)):
+        x, w, b, l = (t.to(device) for t in _make(m, 40, 24, torch.bfloat16, torch.float32, scale_input, False,
+                                                  bias=True))
+        dy = torch.randn(m, 24).to(x)
+        with _Gemms() as fwd:
+            _, base = _ia3_fwd(x, w, b, l.view(-1), scale_input, False, True, TRITON)
+        with _Gemms() as bwd:
+            _ia3_bwd(dy, x if scale_input else base, w, l.view(-1), scale_input, False, True, True, True, TRITON)
+        assert (len(fwd.names), len(bwd.names)) == (want, want), (m, fwd.names, bwd.names)

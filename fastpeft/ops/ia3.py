@@ -51,6 +51,13 @@ def _check(x: Tensor, weight: Tensor, scale: Tensor, scale_input: bool, weight_t
         raise TypeError(f"fastpeft ia3_linear: x is {x.dtype} but the base weight is {weight.dtype}; expected the same dtype")
 
 
+# Up to this many rows the Triton path is one fused launch (a GEMV with the scaling in its prologue or epilogue);
+# above, the base product is cuBLAS's and the scaling one torch pass over x or y (the fused torch path below): a
+# Triton GEMM main loop is 1.2-1.6x cuBLAS at large M (shared/notes/kernel-review.md), the scaling pass 2-4 bytes
+# of the [M, K] or [M, N] tensor per element.
+_DECODE_ROWS = 16
+
+
 def _ia3_fwd(x, weight, bias, scale, scale_input, weight_t, save_base, backend):
     """The op's computation: (y, saved base output or None). The registered kernel and the direct call share it.
 
@@ -65,7 +72,8 @@ def _ia3_fwd(x, weight, bias, scale, scale_input, weight_t, save_base, backend):
         k, n = n, k
     if x.shape[-1] != k or scale.numel() != (k if scale_input else n) or weight.dtype != x.dtype:
         _check(x, weight, scale, scale_input, weight_t)  # raises, naming what was expected
-    if backend != TORCH and (x.is_cuda or backend == TRITON) and _use_triton(x, backend):
+    if (backend != TORCH and (x.is_cuda or backend == TRITON) and _use_triton(x, backend)
+            and x.numel() <= _DECODE_ROWS * k):
         from fastpeft.kernels.lora import ia3_fwd
 
         y, base = ia3_fwd(x.reshape(-1, k), weight, bias, scale.view(-1), scale_input=scale_input,
@@ -73,12 +81,18 @@ def _ia3_fwd(x, weight, bias, scale, scale_input, weight_t, save_base, backend):
         return y.view(*x.shape[:-1], n), base if save_base and not scale_input else None
     w = weight.t() if weight_t else weight  # [N, K] view
     if scale_input:  # PEFT's vector is [1, K]: it broadcasts against x as it is
-        xs = x * (scale if scale.shape[-1] == k else scale.view(-1))  # the one temporary: a matmul reads operands
-        return _linear(xs if xs.dtype == x.dtype else xs.to(x.dtype), w, bias), None
+        # the one temporary (a matmul reads operands), written in x's dtype: computed in l's dtype, rounded once,
+        # as PEFT's (x.to(l.dtype) * l).to(x.dtype)
+        l = scale if scale.shape[-1] == k else scale.view(-1)
+        if torch.promote_types(x.dtype, l.dtype) != l.dtype:  # (fp16 x, bf16 l): PEFT rounds x to l's dtype first
+            xs = x.to(l.dtype) * l
+            return _linear(xs.to(x.dtype), w, bias), None
+        return _linear(torch.mul(x, l, out=torch.empty_like(x)), w, bias), None
     base = _linear(x, w, bias)
-    if save_base:
-        y = base.mul(scale.view(-1))
-        return y if y.dtype == base.dtype else y.to(base.dtype), base.view(-1, n)
+    if save_base:  # y in base's dtype, l applied in its own dtype and rounded once (PEFT's result * l, cast back)
+        if torch.promote_types(base.dtype, scale.dtype) != scale.dtype:
+            return (base * scale.view(-1)).to(base.dtype), base.view(-1, n)
+        return torch.mul(base, scale.view(-1), out=torch.empty_like(base)), base.view(-1, n)
     return base.mul_(scale.view(-1)), None  # in place; a wider l is applied in its dtype and rounded once, like PEFT
 
 
@@ -96,7 +110,8 @@ def _ia3_bwd(dy, saved, weight, scale, scale_input, weight_t, saved_is_base, nee
         k = saved.shape[-1] if scale_input else n
         scale = torch.empty((k,), dtype=torch.float32, device=dy.device)
     dy2, l = dy.reshape(-1, n), scale.reshape(-1)
-    if weight is not None and _use_triton(dy, backend):  # no weight: dl of output scaling alone, a reduction
+    if weight is not None and _use_triton(dy, backend) and dy.numel() <= _DECODE_ROWS * n:
+        # the fused dx launch at decode sizes; above, cuBLAS and one pass (below): no Triton GEMM main loop
         from fastpeft.kernels.lora import ia3_bwd
 
         dx, dl = ia3_bwd(dy2, saved.reshape(dy2.shape[0], -1), weight, l, scale_input=scale_input, weight_t=weight_t,
