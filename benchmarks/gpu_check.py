@@ -36,7 +36,7 @@ unusable, so the checks that may cause one run last.
 ``--dry-run``: every section at tiny shapes (N, K in {(64, 32), (96, 64)}, r in {4, 16}, M in {1, 8, 33}), about a
 minute; on CUDA if present, else on CPU under Triton's interpreter (``TRITON_INTERPRET=1``, set here before triton's
 import) with backend "triton" for parity and masks. It keeps bf16, patching the interpreter's bf16 ``tl.dot`` and
-fp32 -> bf16 cast to what the GPU does (the logic of ``tests/conftest.py::_interpreter_bf16``). On CPU the CUDA-only
+fp32 -> bf16 cast to what the GPU does (``fastpeft.testing.patch_interpreter_bf16``, as the tests do). On CPU the CUDA-only
 checks are SKIP with the reason after running what a CPU can (the big check's code at a small shape, the graph
 check's eager part); times come from ``time.perf_counter`` and are not judged.
 """
@@ -64,7 +64,7 @@ from torch import nn  # noqa: E402
 from fastpeft.kernels.lora import lora_dropout_mask  # noqa: E402
 from fastpeft.ops.linear import AUTO, TRITON, interpreter_active, lora_linear, new_seed  # noqa: E402
 from fastpeft.reference import lora_linear_ref  # noqa: E402
-from fastpeft.testing import assert_close, assert_close_ratio  # noqa: E402
+from fastpeft.testing import assert_close, assert_close_ratio, patch_interpreter_bf16  # noqa: E402
 
 __all__ = ["Plan", "FULL", "DRY", "Case", "Env", "parity_case", "run", "main", "SECTIONS"]
 
@@ -567,33 +567,6 @@ def markdown(report: dict) -> str:
     return "\n".join(out)
 
 
-def _patch_interpreter_bf16() -> None:
-    """Triton's interpreter holds bf16 as uint16 bit patterns; its ``tl.dot`` multiplied the patterns
-    (triton-lang/triton#11584) and its fp32 -> bf16 cast truncated. Widen bf16 dot operands to fp32 (what the GPU's
-    bf16 MMA multiplies) and round casts to nearest even (``cvt.rn.bf16.f32``), as tests/conftest.py does."""
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter as ti
-
-    builder = ti.InterpreterBuilder
-    orig_dot, orig_cast = builder.create_dot, builder.cast_impl
-
-    def widen(h):
-        if h.dtype == tl.bfloat16:
-            return ti.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-        return h
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            u = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32)
-            rne = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-            return ti.TensorHandle(np.where(np.isnan(src.data), np.uint16(0x7FC0), rne), tl.bfloat16)
-        return orig_cast(self, src, dst_type)
-
-    builder.create_dot = lambda self, a, b, d, *args: orig_dot(self, widen(a), widen(b), d, *args)
-    builder.cast_impl = cast_impl
-
-
 def make_env(dry: bool, big: bool = True) -> Env:
     cuda = torch.cuda.is_available() and not interpreter_active()
     if not cuda:
@@ -601,7 +574,7 @@ def make_env(dry: bool, big: bool = True) -> Env:
             raise SystemExit("gpu_check needs CUDA and no TRITON_INTERPRET; --dry-run runs on CPU (interpreted)")
         if not interpreter_active():
             raise SystemExit("gpu_check --dry-run on CPU needs TRITON_INTERPRET=1 before triton is imported")
-        _patch_interpreter_bf16()
+        patch_interpreter_bf16()  # bf16 dots and casts as on the GPU
         torch.set_num_threads(1)  # tiny CPU matmuls on a shared box: more threads only spin-wait (ms per call)
     env = Env(DRY if dry else FULL, "cuda" if cuda else "cpu", TRITON, dry, big, cuda)
     if cuda:

@@ -17,7 +17,8 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["Tolerance", "TOLERANCES", "tolerance", "assert_close", "assert_close_ratio", "stack_normalized", "excluded_op", "OpCounter"]
+__all__ = ["Tolerance", "TOLERANCES", "tolerance", "assert_close", "assert_close_ratio", "stack_normalized", "excluded_op", "OpCounter",
+           "patch_interpreter_bf16"]
 
 
 @dataclass(frozen=True)
@@ -133,3 +134,39 @@ class OpCounter(TorchDispatchMode):
     @property
     def total(self) -> int:
         return sum(self.ops.values())
+
+
+def patch_interpreter_bf16():
+    """Make Triton's interpreter compute bf16 the way the GPU does (it stores bf16 as uint16 bit patterns); returns
+    the function that undoes it. Used by the tests and ``benchmarks.gpu_check --dry-run``.
+
+    - ``tl.dot`` multiplied the bit patterns (triton-lang/triton#11584, closed as "not supported yet"): widen bf16
+      operands to fp32 first, exactly as the GPU's bf16 MMA multiplies them;
+    - fp32 -> bf16 casts truncated toward zero, where the GPU (``cvt.rn.bf16.f32``) rounds to nearest even.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as ti
+
+    builder = ti.InterpreterBuilder
+    orig_dot, orig_cast = builder.create_dot, builder.cast_impl
+
+    def widen(h):
+        if h.dtype == tl.bfloat16:
+            return ti.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+        return h
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            u = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32)
+            rne = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+            return ti.TensorHandle(np.where(np.isnan(src.data), np.uint16(0x7FC0), rne), tl.bfloat16)
+        return orig_cast(self, src, dst_type)
+
+    builder.create_dot = lambda self, a, b, d, *args: orig_dot(self, widen(a), widen(b), d, *args)
+    builder.cast_impl = cast_impl
+
+    def undo():
+        builder.create_dot, builder.cast_impl = orig_dot, orig_cast
+
+    return undo

@@ -34,7 +34,8 @@ from ._common import (_GROUP_M, _MAX_RANK, CostStep, KernelSpec, LaunchPlan, Pla
                       _weight_strides)
 from .adapted_linear import linear_fwd_kernel, lora_dropout_mask_kernel
 from .ia3 import ia3_bwd, ia3_fwd, ia3_shipped_configs
-from .lora_split import _kernel_step, _plan_shrink, shrink, split_bwd, split_fwd, split_shipped_configs
+from .lora_split import _kernel_step, _plan_shrink, _rate, shrink, split_bwd, split_fwd, split_shipped_configs
+from .lora_split_kernels import SPLIT_NONE
 
 __all__ = [
     "TileConfig",
@@ -252,8 +253,7 @@ def decode_cost_steps(M: int, N: int, K: int, R: int, x_dtype: torch.dtype, a_dt
     spec = _plan_fwd(x, w, None, a, b, None, None, 1.0, dropout_p, seed, False, True, part)[0]
     xs, ws, as_ = x.element_size(), w.element_size(), a.element_size()
     programs = spec.grid[0]
-    wide = torch.float32 in (x_dtype, a_dtype)
-    rate, passes = ("tf32", 3 if _dot_precision() == "tf32x3" else 1) if wide else ("bf16", 1)
+    rate, passes = _rate(SPLIT_NONE, x_dtype, a_dtype)  # the widest of its dots (decode is bound by W's bytes)
     flops = 2 * M * N * K + 2 * M * N * R + (0 if apart else programs * 2 * M * K * R)
     dram = M * K * xs + N * K * ws + N * R * as_ + M * N * xs + M * R * as_
     if apart:  # the partials, read by every program

@@ -293,12 +293,10 @@ def wgrad(g: Tensor, x: Tensor, param: Tensor, scale: float, dropout_p: float, s
 # the layer
 
 
-def _base_weight(weight, N, K, dtype, weight_t) -> Tensor | None:
-    """W^T as the [K, N] operand of ``addmm_`` (a view: nn.Linear's [N, K] transposed, or Conv1D's [K, N])."""
-    if weight is None:
-        return None
-    _check_tensor("weight", weight, (K, N) if weight_t else (N, K), (dtype,))
-    return weight if weight_t else weight.t()
+def _check_base_weight(weight, N, K, dtype, weight_t) -> None:
+    """nn.Linear's [N, K] or Conv1D's [K, N] (``weight_t``) base weight, in x's dtype, or None."""
+    if weight is not None:
+        _check_tensor("weight", weight, (K, N) if weight_t else (N, K), (dtype,))
 
 
 # (metadata of a layer call) for the calls whose layer-level checks passed: a repeated call (every training step)
@@ -322,7 +320,7 @@ def split_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_a: Ten
     N = lora_b.shape[0]
 
     def check():
-        _base_weight(weight, N, K, x.dtype, weight_t)
+        _check_base_weight(weight, N, K, x.dtype, weight_t)
         if bias is not None and weight is None:
             raise ValueError("bias without weight: the base term is absent, pass bias=None")
         _check_device(dict(x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b, lora_bias=lora_bias,
@@ -348,7 +346,7 @@ def split_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, lora_a: Tensor, lora
     def check():
         _check_2d("dy", dy)
         _check_tensor("dy", dy, (M, N), (x.dtype,))
-        _base_weight(weight, N, K, x.dtype, weight_t)
+        _check_base_weight(weight, N, K, x.dtype, weight_t)
         if need_db:
             if xa is None:
                 raise ValueError("need_db needs xa (the forward's drop(x) A^T): call lora_fwd with store_xa=True")

@@ -41,38 +41,15 @@ def poison_empty(monkeypatch):
 
 @pytest.fixture(scope="session", autouse=True)
 def _interpreter_bf16():
-    """Make Triton's interpreter compute bf16 the way the GPU does (it stores bf16 as uint16 bit patterns):
-
-    - ``tl.dot`` multiplied the bit patterns (triton-lang/triton#11584, closed as "not supported yet"): widen bf16
-      operands to fp32 first, exactly as the GPU's bf16 MMA multiplies them;
-    - fp32 -> bf16 casts truncated toward zero, where the GPU (``cvt.rn.bf16.f32``) rounds to nearest even.
-    """
+    """Triton's interpreter computes bf16 as the GPU does for the whole session (``patch_interpreter_bf16``)."""
     if not INTERPRET:
         yield
         return
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter as ti
+    from fastpeft.testing import patch_interpreter_bf16
 
-    builder = ti.InterpreterBuilder
-    orig_dot, orig_cast = builder.create_dot, builder.cast_impl
-
-    def widen(h):
-        if h.dtype == tl.bfloat16:
-            return ti.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-        return h
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            u = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32)
-            rne = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-            return ti.TensorHandle(np.where(np.isnan(src.data), np.uint16(0x7FC0), rne), tl.bfloat16)
-        return orig_cast(self, src, dst_type)
-
-    builder.create_dot = lambda self, a, b, d, *args: orig_dot(self, widen(a), widen(b), d, *args)
-    builder.cast_impl = cast_impl
+    undo = patch_interpreter_bf16()
     yield
-    builder.create_dot, builder.cast_impl = orig_dot, orig_cast
+    undo()
 
 
 @pytest.fixture(scope="module")
