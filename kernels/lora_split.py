@@ -8,8 +8,11 @@ Each of the three kernels has one launcher, used in both directions:
     expand(xa, B, ...)    -> s xa B^T + ...     [M, N]   forward z;   backward t = keep / (1 - p) (g A)
     wgrad(g, x, param)    -> g^T drop(x)        [R, C]   dA;          dB = s xa^T dY, written as [N, R]
 
-Splits: a reduction over a long axis is cut into S ranges when the remaining axes give fewer than two programs per
-SM (``_splits``). The SM count is the device's; plans made on meta or CPU tensors (the cost model, the AOT test,
+Splits: a reduction over a long axis is cut into S ranges when the remaining axes give too few programs
+(``_splits``): wgrad's M to fill the device (two programs per SM), the shrink's K only below an eighth of that and
+into at most four ranges (its partials are re-read by every consumer program: ``_SHRINK_FILL``). Unsplit, the
+forward shrink stores xa itself in A's dtype, which the expand reads and the backward keeps. The SM count is the
+device's; plans made on meta or CPU tensors (the cost model, the AOT test,
 the interpreter) assume an H100's 132. Results are deterministic for a given device and shape (fixed ranges, fixed
 summation order), and may differ in the last bits between GPUs with different SM counts, as cuBLAS's do.
 """
@@ -27,32 +30,51 @@ from .lora_split_kernels import SPLIT_A, SPLIT_AB, SPLIT_B, SPLIT_NONE, lora_exp
 
 __all__ = ["shrink", "expand", "wgrad", "split_fwd", "split_bwd", "split_cost_steps", "split_shipped_configs"]
 
-# Tiles by (BR cap, wide: an fp32 dot operand). TileConfig(BM, BN, BK, warps, stages): the shrink uses BM x BK x BR
-# (loop over K), the expand BM x BN x BR (one dot), wgrad BR x BN x BM (loop over M, BN output columns). Rows are
-# sized so the fp32 accumulator stays at about 64 registers a thread; wide rows are smaller because 3xTF32 keeps
-# split operands in registers.
-_SHRINK: dict[tuple[int, bool], TileConfig] = {
-    (64, False): TileConfig(64, 0, 64, 4, 3), (128, False): TileConfig(64, 0, 32, 4, 3),
-    (256, False): TileConfig(32, 0, 32, 4, 3), (64, True): TileConfig(32, 0, 32, 4, 3),
-    (128, True): TileConfig(32, 0, 16, 4, 2), (256, True): TileConfig(16, 0, 16, 8, 2),
+# Tiles by (BR cap, operand class): "16" for 16-bit dots, "split" for fp32 adapters on a bf16 x (``_mma``'s bf16
+# split products: bf16 operands, more of them in registers), "tf32" for 3xTF32 dots (fp32 or fp16 x with fp32
+# adapters). TileConfig(BM, BN, BK, warps, stages): the shrink uses BM x BK x BR (loop over K), the expand
+# BM x BN x BR (one dot, R in chunks of BK), wgrad BR x BN x BM (loop over M, BN output columns). Rows are sized so
+# that the fp32 accumulator stays at about 64 registers a thread and nothing spills on sm_80 or sm_90a
+# (tests/test_aot.py), and so that the re-reads of the small operands a grid makes (A by every row block of the
+# shrink, xa and B by every column and row block of the expand) stay under the kernel's own DRAM bytes at
+# M = 4096 (benchmarks/cost_model.py).
+_SHRINK: dict[tuple[int, str], TileConfig] = {
+    (64, "16"): TileConfig(64, 0, 64, 4, 3), (128, "16"): TileConfig(64, 0, 32, 4, 3),
+    (256, "16"): TileConfig(32, 0, 32, 4, 3),
+    (64, "split"): TileConfig(64, 0, 16, 4, 3), (128, "split"): TileConfig(64, 0, 32, 8, 3),
+    (256, "split"): TileConfig(64, 0, 16, 8, 2),
+    (64, "tf32"): TileConfig(32, 0, 32, 4, 3), (128, "tf32"): TileConfig(32, 0, 16, 4, 2),
+    (256, "tf32"): TileConfig(16, 0, 16, 8, 2),
 }
-_EXPAND: dict[tuple[int, bool], TileConfig] = {  # BK: the chunk of R per dot
-    (64, False): TileConfig(64, 128, 64, 4, 2), (128, False): TileConfig(64, 128, 64, 4, 2),
-    (256, False): TileConfig(64, 128, 64, 4, 2), (64, True): TileConfig(64, 64, 16, 4, 2),
-    (128, True): TileConfig(64, 64, 16, 4, 2), (256, True): TileConfig(64, 64, 16, 4, 2),
+_EXPAND: dict[tuple[int, str], TileConfig] = {
+    (64, "16"): TileConfig(64, 128, 64, 4, 2), (128, "16"): TileConfig(64, 128, 64, 4, 2),
+    (256, "16"): TileConfig(64, 128, 64, 4, 2),
+    (64, "split"): TileConfig(128, 128, 16, 8, 2), (128, "split"): TileConfig(128, 128, 16, 8, 2),
+    (256, "split"): TileConfig(128, 128, 16, 8, 2),
+    (64, "tf32"): TileConfig(64, 64, 16, 4, 2), (128, "tf32"): TileConfig(64, 64, 16, 4, 2),
+    (256, "tf32"): TileConfig(64, 64, 16, 4, 2),
 }
-_WGRAD: dict[tuple[int, bool], TileConfig] = {
-    (64, False): TileConfig(64, 128, 0, 8, 3), (128, False): TileConfig(32, 64, 0, 4, 3),
-    (256, False): TileConfig(32, 32, 0, 8, 3), (64, True): TileConfig(32, 64, 0, 4, 3),
-    (128, True): TileConfig(32, 32, 0, 4, 2), (256, True): TileConfig(16, 16, 0, 4, 2),
+_WGRAD: dict[tuple[int, str], TileConfig] = {
+    (64, "16"): TileConfig(64, 128, 0, 8, 3), (128, "16"): TileConfig(32, 64, 0, 4, 3),
+    (256, "16"): TileConfig(32, 32, 0, 8, 3),
+    (64, "split"): TileConfig(32, 64, 0, 4, 3), (128, "split"): TileConfig(32, 32, 0, 4, 2),
+    (256, "split"): TileConfig(16, 16, 0, 4, 2),
+    (64, "tf32"): TileConfig(32, 64, 0, 4, 3), (128, "tf32"): TileConfig(32, 32, 0, 4, 2),
+    (256, "tf32"): TileConfig(16, 16, 0, 4, 2),
 }
 _DEFAULT_SMS = 132  # H100 SXM: plans on meta / CPU tensors
 _MIN_STEPS = 4  # a split range spans at least this many loop steps (fewer: the partials cost more than they give)
+# The shrink's partials [S, M, R] are re-read by every program of its consumers (each column block of the expand and
+# of wgrad: N / BN and K / BC of them), so a split of the shrink costs S M R 4 bytes of L2 traffic per consumer
+# program, while the shrink itself is one streaming pass over x (M K bytes) that an eighth of the device's programs
+# already keeps at HBM speed. So the shrink splits only at small M (M / BM programs below an eighth), into at most
+# four ranges; wgrad's output is its own, so it splits to fill the device.
+_SHRINK_FILL, _SHRINK_MOST = 1 / 8, 4
 _SMS: dict[int, int] = {}
 
 
-def _key(R: int, dot_dtype: torch.dtype) -> tuple[int, bool]:
-    return max(64, _block_rank(R)), dot_dtype == torch.float32
+def _key(R: int, dot_dtype: torch.dtype, split: int) -> tuple[int, str]:
+    return max(64, _block_rank(R)), "split" if split != SPLIT_NONE else "tf32" if dot_dtype == torch.float32 else "16"
 
 
 def _programs(device: torch.device) -> int:
@@ -65,11 +87,13 @@ def _programs(device: torch.device) -> int:
     return 2 * _SMS[index]
 
 
-def _splits(tiles: int, length: int, step: int, device: torch.device) -> tuple[int, int]:
+def _splits(tiles: int, length: int, step: int, device: torch.device, fill: float = 1.0,
+            most: int | None = None) -> tuple[int, int]:
     """(S, range): ``length`` cut into S ranges of ``range`` (a multiple of ``step``, at least four steps) so that
-    ``tiles * S`` programs about fill the device; S = 1 when the tiles alone do."""
-    want = max(1, -(-_programs(device) // max(tiles, 1)))
-    s = max(1, min(want, length // (_MIN_STEPS * step)))
+    ``tiles * S`` programs reach ``fill`` of the device's (``_programs``); S = 1 when the tiles alone do, S at most
+    ``most``."""
+    want = max(1, -(-int(_programs(device) * fill) // max(tiles, 1)))
+    s = max(1, min(want, most or want, length // (_MIN_STEPS * step)))
     span = triton.cdiv(triton.cdiv(max(length, 1), s), step) * step
     return triton.cdiv(max(length, 1), span), span
 
@@ -95,7 +119,13 @@ def _dropout_args(p: float) -> dict:
 # decode kernel) add them in a fixed order as they load them, so no launch sums or casts them
 
 
-def _plan_shrink(x, a, scale, p, seed, transposed) -> tuple[KernelSpec, int]:
+def _shrink_out(S, M, R, whole_dtype, device) -> Tensor:
+    """The partials [S, M, R] in fp32; with S = 1 and ``whole_dtype``, the result itself in that dtype."""
+    dtype = whole_dtype if S == 1 and whole_dtype is not None else torch.float32
+    return torch.empty((S, M, R), device=device, dtype=dtype)
+
+
+def _plan_shrink(x, a, scale, p, seed, transposed, whole_dtype=None) -> tuple[KernelSpec, int]:
     _check_2d("x", x)
     _check_2d("lora_a", a)
     M, K = x.shape
@@ -103,14 +133,15 @@ def _plan_shrink(x, a, scale, p, seed, transposed) -> tuple[KernelSpec, int]:
     if ka != K:
         raise ValueError(f"shrink: x has {K} columns, the adapter matrix {tuple(a.shape)} expects {ka}")
     stride_ar, stride_ak = (a.stride(1), a.stride(0)) if transposed else (a.stride(0), a.stride(1))
-    cfg = _SHRINK[_key(R, a.dtype)]  # x is cast to A's dtype: A's dtype is the dot's
-    S, k_split = _splits(triton.cdiv(M, cfg.BM), K, cfg.BK, x.device)
-    out = torch.empty((S, M, R), device=x.device, dtype=torch.float32)
+    split = _split(x.dtype, a.dtype, SPLIT_B)
+    cfg = _SHRINK[_key(R, a.dtype, split)]  # x is cast to A's dtype: A's dtype is the dot's
+    S, k_split = _splits(triton.cdiv(M, cfg.BM), K, cfg.BK, x.device, _SHRINK_FILL, _SHRINK_MOST)
+    out = _shrink_out(S, M, R, whole_dtype, x.device)
     args = dict(M=M, K=K, R=R, k_split=k_split, stride_xm=x.stride(0), stride_xk=x.stride(1), stride_ar=stride_ar,
                 stride_ak=stride_ak, stride_os=out.stride(0), stride_om=out.stride(1), stride_or=out.stride(2),
                 **_shrink_dynamic(x, a, out, seed, scale, p))
     constexprs = dict(BM=cfg.BM, BK=cfg.BK, BR=_block_rank(R), HAS_DROPOUT=p > 0.0,
-                      SPLIT=_split(x.dtype, a.dtype, SPLIT_B), DOT_PREC=_dot_precision())
+                      SPLIT=split, DOT_PREC=_dot_precision())
     spec = KernelSpec("lora_shrink", lora_shrink_kernel, args, constexprs, cfg.num_warps, cfg.num_stages,
                       (triton.cdiv(M, cfg.BM), S))
     return spec, S
@@ -125,19 +156,20 @@ _SHRINK_PLANS = PlanCache()
 
 
 def shrink(x: Tensor, a: Tensor, scale: float, dropout_p: float, seed: Tensor | None,
-           transposed: bool = False) -> Tensor:
+           transposed: bool = False, whole_dtype: torch.dtype | None = None) -> Tensor:
     """scale * drop(x) A^T as fp32 partial sums over S ranges of K, [S, M, R]: x [M, K]; a [R, K] (or [K, R] with
-    ``transposed``: B, for g = s dY B)."""
-    key = (_meta(x), _meta(a), transposed, dropout_p > 0.0, _dot_precision())
+    ``transposed``: B, for g = s dY B). Where the plan does not split (S = 1) and ``whole_dtype`` is given, the
+    result is rounded to that dtype as it is stored (what a consumer would round the sum to)."""
+    key = (_meta(x), _meta(a), transposed, dropout_p > 0.0, _dot_precision(), whole_dtype)
     hit = _SHRINK_PLANS.get(key)
     if hit is None:
-        spec, S = _plan_shrink(x, a, scale, dropout_p, seed, transposed)
+        spec, S = _plan_shrink(x, a, scale, dropout_p, seed, transposed, whole_dtype)
         _check_device(dict(x=x, a=a, seed=seed))
         _SHRINK_PLANS.put(key, (LaunchPlan.of(spec, _SHRINK_DYNAMIC), S))
         _launch(spec, x.device)
         return spec.args["out_ptr"]
     plan, S = hit
-    out = torch.empty((S, x.shape[0], plan.static["R"]), device=x.device, dtype=torch.float32)
+    out = _shrink_out(S, x.shape[0], plan.static["R"], whole_dtype, x.device)
     plan.launch(x.device, _shrink_dynamic(x, a, out, seed, scale, dropout_p))
     return out
 
@@ -169,7 +201,8 @@ def _plan_expand(xa, b, lora_bias, bias, residual, scale, p, seed, out_dtype, tr
     if residual is not None:
         _check_tensor("residual", residual, (M, N), (out_dtype,))
     _check_device(dict(xa=xa, b=b, lora_bias=lora_bias, bias=bias, residual=residual))
-    cfg = _EXPAND[_key(R, b.dtype)]  # xa (or g) is cast to B's (or A's) dtype
+    split = SPLIT_AB if out_dtype != torch.float32 and _split(torch.bfloat16, b.dtype, 1) else SPLIT_NONE
+    cfg = _EXPAND[_key(R, b.dtype, split)]  # xa (or g) is cast to B's (or A's) dtype
     out, xs = _expand_out(M, N, R, out_dtype, xa_dtype, xa.device)
     res, xs_out = residual if residual is not None else out, xs if xs is not None else out
     args = dict(M=M, N=N, R=R, S=S, stride_xas=stride_xas, stride_xam=stride_xam, stride_xar=stride_xar,
@@ -180,8 +213,7 @@ def _plan_expand(xa, b, lora_bias, bias, residual, scale, p, seed, out_dtype, tr
     constexprs = dict(BM=cfg.BM, BN=cfg.BN, BRK=min(cfg.BK, _block_rank(R)), GROUP_M=_GROUP_M,
                       HAS_LORA_BIAS=lora_bias is not None, HAS_BIAS=bias is not None,
                       HAS_RESIDUAL=residual is not None, HAS_DROPOUT=p > 0.0, STORE_XA=xs is not None,
-                      SPLIT=SPLIT_AB if out_dtype != torch.float32 and _split(torch.bfloat16, b.dtype, 1) else
-                      SPLIT_NONE, DOT_PREC=_dot_precision())
+                      SPLIT=split, DOT_PREC=_dot_precision())
     grid = (triton.cdiv(M, cfg.BM) * triton.cdiv(N, cfg.BN),)
     spec = KernelSpec("lora_expand", lora_expand_kernel, args, constexprs, cfg.num_warps, cfg.num_stages, grid)
     return spec, out, xs
@@ -234,7 +266,8 @@ def _plan_wgrad(g, x, param, scale, p, seed, rows_r) -> tuple[KernelSpec, int]:
     if x.shape[0] != M:
         raise ValueError(f"wgrad: g has {M} rows, x has {x.shape[0]}")
     _check_tensor("param", param, (R, C) if rows_r else (C, R))
-    cfg = _WGRAD[_key(R, param.dtype)]  # both operands are cast to the parameter's dtype
+    split = _split(x.dtype, param.dtype, SPLIT_A)
+    cfg = _WGRAD[_key(R, param.dtype, split)]  # both operands are cast to the parameter's dtype
     S, m_split = _splits(triton.cdiv(C, cfg.BN), M, cfg.BM, x.device)
     out = _wgrad_out(R, C, S, param.dtype, rows_r, x.device)
     stride_or, stride_oc = (out.stride(-2), out.stride(-1)) if rows_r else (out.stride(-1), out.stride(-2))
@@ -243,7 +276,7 @@ def _plan_wgrad(g, x, param, scale, p, seed, rows_r) -> tuple[KernelSpec, int]:
                 stride_os=out.stride(0) if S > 1 else 0, stride_or=stride_or, stride_oc=stride_oc,
                 **_wgrad_dynamic(g, x, param, out, seed, scale, p))
     constexprs = dict(BM=cfg.BM, BC=cfg.BN, BR=_block_rank(R), HAS_DROPOUT=p > 0.0,
-                      SPLIT=_split(x.dtype, param.dtype, SPLIT_A), DOT_PREC=_dot_precision())
+                      SPLIT=split, DOT_PREC=_dot_precision())
     spec = KernelSpec("lora_wgrad", lora_wgrad_kernel, args, constexprs, cfg.num_warps, cfg.num_stages,
                       (triton.cdiv(C, cfg.BN), S))
     return spec, S
@@ -327,9 +360,12 @@ def split_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_a: Ten
                            residual=residual))
 
     _checked(("fwd", _meta(x), _meta(weight), _meta(bias), _meta(lora_a), _meta(lora_b), weight_t), check)
-    part = shrink(x, lora_a, 1.0, dropout_p, seed)
+    part = shrink(x, lora_a, 1.0, dropout_p, seed, whole_dtype=lora_a.dtype)
+    whole = part.shape[0] == 1  # xa itself, in A's dtype: the expand need not store it again
     y, xa = expand(part, lora_b, lora_bias, bias, residual, scaling, 0.0, None, x.dtype,
-                   xa_dtype=lora_a.dtype if store_xa else None)
+                   xa_dtype=lora_a.dtype if store_xa and not whole else None)
+    if store_xa and whole:
+        xa = part[0]
     if weight is not None:
         y.addmm_(x, weight if weight_t else weight.t())
     return y, xa
@@ -435,9 +471,10 @@ def split_specs(M, N, K, R, x_dtype, a_dtype, dropout_p, train) -> list[tuple[Ke
     with bias; the cuBLAS calls between them are in ``split_cost_steps``."""
     x, w, bias, a, b, dy, xa, seed = _meta_tensors(M, N, K, R, x_dtype, a_dtype)
     p = dropout_p
-    shrink_x = _plan_shrink(x, a, 1.0, p, seed, False)
+    shrink_x = _plan_shrink(x, a, 1.0, p, seed, False, a_dtype)
     part = shrink_x[0].args["out_ptr"]
-    out = [shrink_x, (_plan_expand(part, b, None, bias, None, 2.0, 0.0, None, x_dtype, False, a_dtype)[0], 1)]
+    xs_dtype = a_dtype if shrink_x[1] > 1 else None  # as split_fwd
+    out = [shrink_x, (_plan_expand(part, b, None, bias, None, 2.0, 0.0, None, x_dtype, False, xs_dtype)[0], 1)]
     if train:
         shrink_dy = _plan_shrink(dy, b, 2.0, 0.0, None, True)
         g = shrink_dy[0].args["out_ptr"]

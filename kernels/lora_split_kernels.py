@@ -17,8 +17,9 @@ Extra bytes over the base GEMM: forward 2MK (x again) + 2MN (z), backward 2MN (d
 2MK (t) + 2MK (x for dA), at 16-bit. The adapter FLOPs are 2R/N and 2R/K of the base's (0.8% at r = 16).
 
 Reductions over long axes (K in the shrink, M in wgrad) are split into S contiguous ranges when the other axes give
-too few programs to fill the GPU; each range writes an fp32 partial [S, ...] and the launcher sums them in a fixed
-order (``Tensor.sum(0)``): deterministic, no atomics. With S = 1 the kernel writes the result directly.
+too few programs to fill the GPU; each range writes an fp32 partial [S, ...], which the shrink's consumers add in a
+fixed order as they load them and wgrad's launcher sums (``Tensor.sum(0)``): deterministic, no atomics. With S = 1
+the kernel writes the result directly, rounded to its dtype.
 
 Precision (as PEFT, which runs the adapter in its own dtype): x (or dY) is cast to the adapter dtype before its dot,
 with dropout applied in fp32 and the product rounded to that dtype; xa is rounded to A's dtype before the B product;
@@ -148,7 +149,7 @@ def lora_expand_kernel(
     Grid cdiv(M, BM) * cdiv(N, BN), grouped so that programs sharing xa's rows run together. A dot of depth R per
     program (in chunks of BRK): the kernel is bound by the store of out. xa comes as the shrink's S fp32 partial
     sums [S, M, R], added here in a fixed order and rounded to B's dtype before the dot (STORE_XA: the programs of
-    the first column block store it, in xs's dtype, for the backward)."""
+    the first column block store it, in xs's dtype, for the backward), or unsplit (S = 1) already rounded."""
     b_dtype = b_ptr.dtype.element_ty
     i_m, i_n = _tile_ids(tl.cdiv(M, BM), tl.cdiv(N, BN), GROUP_M)
     o_m = i_m * BM + tl.arange(0, BM)  # [BM] int64

@@ -117,17 +117,24 @@ def test_decode_rows_boundary(dev):
 
 
 def test_cost_steps_follow_the_plans():
-    """The cost steps are read off the planned launches: the shrink's bytes are x, A and its fp32 partials once; the
-    expand reads those partials (no launch sums them); the base GEMM is cuBLAS's."""
-    M, N, K, R = 4096, 4096, 4096, 16
-    steps = lora_split.split_cost_steps(M, N, K, R, BF16, BF16, 0.0)
-    names = [s.name for s in steps]
-    assert names == ["lora_shrink", "lora_expand", "cublas_addmm"], names
-    shrink, expand = steps[0], steps[1]
-    assert shrink.flops == 2 * M * K * R and shrink.rate == "bf16"
-    S = lora_split.split_specs(M, N, K, R, BF16, BF16, 0.0, False)[0][1]
-    assert shrink.dram_bytes == M * K * 2 + R * K * 2 + S * M * R * 4
-    assert expand.dram_bytes == S * M * R * 4 + N * R * 2 + M * N * 2 + M * R * 2 + N * 2  # + xa stored, bias
+    """The cost steps are read off the planned launches. Unsplit (M = 4096: the row blocks fill the device), the
+    shrink writes xa itself in A's dtype and the expand reads it, storing nothing more; split (M = 64), the shrink
+    writes fp32 partials, the expand reads them (no launch sums them) and stores xa for the backward. The base GEMM
+    is cuBLAS's."""
+    N, K, R = 4096, 4096, 16
+    for M, S_expected in ((4096, 1), (64, 4)):
+        steps = lora_split.split_cost_steps(M, N, K, R, BF16, BF16, 0.0)
+        names = [s.name for s in steps]
+        assert names == ["lora_shrink", "lora_expand", "cublas_addmm"], names
+        shrink, expand = steps[0], steps[1]
+        assert shrink.flops == 2 * M * K * R and shrink.rate == "bf16"
+        S = lora_split.split_specs(M, N, K, R, BF16, BF16, 0.0, False)[0][1]
+        assert S == S_expected
+        xa_bytes = M * R * 2 if S == 1 else S * M * R * 4  # xa itself, or the fp32 partials
+        stored = 0 if S == 1 else M * R * 2  # the expand stores xa only from partials
+        assert shrink.dram_bytes == M * K * 2 + R * K * 2 + xa_bytes
+        assert expand.dram_bytes == xa_bytes + N * R * 2 + M * N * 2 + stored + N * 2  # + bias
+    M = 4096
     train = lora_split.split_cost_steps(M, N, K, R, BF16, F32, 0.1, train=True)
     assert [s.name for s in train if s.engine == "cublas"] == ["cublas_addmm", "cublas_addmm_dx"]
     # bf16 x with fp32 adapters: every thin product runs as three bf16 MMAs on split operands (lora_split_kernels._mma)
