@@ -17,7 +17,10 @@ only price the re-reads of small operands (A, xa) that a grid makes. torch's mat
 (its default), at the fp32 rate.
 
 Targets, on this model (the issue's): at M >= 4096 the forward within 1.15x the base GEMM; at decode the DRAM bytes
-within 1.1x the base GEMV's; never above PEFT's time.
+within 1.1x the base GEMV's; never above PEFT's time. ``split_floor_us`` is the least any plan around a whole cuBLAS
+GEMM can take on this model; where it is above 1.15x (H100, N = K = 4096, r = 64, fp32 adapters: 1.153x), the
+target is out of reach of the design, not of the tiles. That floor counts xa's round trip through HBM (1 MB each
+way there), which an H100's 50 MB L2 would in practice serve: the model takes no cache reuse across launches.
 """
 
 from __future__ import annotations
@@ -109,6 +112,15 @@ def unsloth_steps(M, N, K, R, p) -> list[CostStep]:
     return f + [_mm("x A^T", M, R, K, BF16), _mm("addmm_", M, N, R, BF16, c_read=True)]
 
 
+def split_floor_us(M, N, K, R, a_dtype, gpu: dict) -> float:
+    """The least time any plan that keeps cuBLAS's GEMM whole can take for the forward: the base GEMM plus, at HBM
+    speed, the bytes that must move besides it: x read again for the adapter (2MK), z written for the GEMM to add
+    (2MN), A and B, xa written and read back (2MR in the adapter dtype, each way), and the bias."""
+    a = _sz(a_dtype)
+    extra = 2 * M * K + 2 * M * N + (R * K + N * R) * a + 2 * M * R * a + 2 * N
+    return plan_us(base_steps(M, N, K), gpu) + 1e6 * extra / gpu["hbm"]
+
+
 def rows(gpu_name: str) -> list[dict]:
     gpu = GPUS[gpu_name]
     out = []
@@ -124,7 +136,8 @@ def rows(gpu_name: str) -> list[dict]:
                 step="train" if train else "forward", us=us, launches={k: len(v) for k, v in plans.items()},
                 dram={k: sum(s.dram_bytes for s in v) for k, v in plans.items()},
                 fastpeft_launches=[s._asdict() for s in plans["fastpeft"]],
-                vs_base=us["fastpeft"] / us["base"], vs_peft=us["fastpeft"] / us["peft"]))
+                vs_base=us["fastpeft"] / us["base"], vs_peft=us["fastpeft"] / us["peft"],
+                floor_vs_base=None if train else split_floor_us(M, N, K, R, a_dtype, gpu) / us["base"]))
     return out
 
 
@@ -135,7 +148,7 @@ def targets(all_rows: list[dict]) -> list[dict]:
         tag = f"{r['gpu']} N{r['N']} K{r['K']} r{r['r']} M{r['M']} {r['adapters']} p{r['p']} {r['step']}"
         if r["step"] == "forward" and r["M"] >= 4096:
             out.append(dict(target="M>=4096 forward <= 1.15x base", row=tag, value=r["vs_base"],
-                            ok=r["vs_base"] <= 1.15))
+                            ok=r["vs_base"] <= 1.15, floor=r["floor_vs_base"]))
         if r["step"] == "forward" and r["M"] <= DECODE_ROWS:
             ratio = r["dram"]["fastpeft"] / r["dram"]["base"]
             out.append(dict(target="decode bytes <= 1.1x base", row=tag, value=ratio, ok=ratio <= 1.1))
@@ -163,8 +176,9 @@ def markdown(all_rows: list[dict]) -> str:
         worst = max(sel, key=lambda x: x["value"])
         lines.append(f"| {name} | {len(sel)} | {sum(x['ok'] for x in sel)} | {worst['value']:.3f} ({worst['row']}) |")
     fails = [x for x in t if not x["ok"]]
-    lines += ["", "FAIL rows: " + ("none" if not fails else "; ".join(f"{x['target']}: {x['row']} {x['value']:.3f}"
-                                                                    for x in fails))]
+    lines += ["", "FAIL rows: " + ("none" if not fails else "; ".join(
+        f"{x['target']}: {x['row']} {x['value']:.3f}" + (f" (floor {x['floor']:.3f})" if x.get("floor") else "")
+        for x in fails))]
     return "\n".join(lines) + "\n"
 
 
