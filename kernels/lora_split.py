@@ -12,9 +12,9 @@ Splits: a reduction over a long axis is cut into S ranges when the remaining axe
 (``_splits``): wgrad's M to fill the device (two programs per SM), the shrink's K only below an eighth of that and
 into at most four ranges (its partials are re-read by every consumer program: ``_SHRINK_FILL``). Unsplit, the
 forward shrink stores xa itself in A's dtype, which the expand reads and the backward keeps. The SM count is the
-device's; plans made on meta or CPU tensors (the cost model, the AOT test,
-the interpreter) assume an H100's 132. Results are deterministic for a given device and shape (fixed ranges, fixed
-summation order), and may differ in the last bits between GPUs with different SM counts, as cuBLAS's do.
+device's; plans made on meta or CPU tensors (the cost model, the AOT test, the interpreter) assume an H100's 132.
+Results are deterministic for a given device and shape (fixed ranges, fixed summation order), and may differ in the
+last bits between GPUs with different SM counts, as cuBLAS's do.
 """
 
 from __future__ import annotations
@@ -66,9 +66,11 @@ _DEFAULT_SMS = 132  # H100 SXM: plans on meta / CPU tensors
 _MIN_STEPS = 4  # a split range spans at least this many loop steps (fewer: the partials cost more than they give)
 # The shrink's partials [S, M, R] are re-read by every program of its consumers (each column block of the expand and
 # of wgrad: N / BN and K / BC of them), so a split of the shrink costs S M R 4 bytes of L2 traffic per consumer
-# program, while the shrink itself is one streaming pass over x (M K bytes) that an eighth of the device's programs
-# already keeps at HBM speed. So the shrink splits only at small M (M / BM programs below an eighth), into at most
-# four ranges; wgrad's output is its own, so it splits to fill the device.
+# program, while the shrink itself is one streaming pass over x (M K bytes) that needs enough loads in flight, not
+# a full device. So the shrink splits only where its row blocks are under an eighth of the device's programs (M <=
+# 2048 at BM = 64 on an H100), into at most four ranges; wgrad's output is its own, so it splits to fill the device.
+# The eighth is a judgement the cost model cannot price (it has no occupancy): gpu_check's shrink times are what
+# would move it.
 _SHRINK_FILL, _SHRINK_MOST = 1 / 8, 4
 _SMS: dict[int, int] = {}
 
@@ -115,8 +117,9 @@ def _dropout_args(p: float) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# shrink: its output is always the fp32 partial sums [S, M, R] (S >= 1); the consumers (expand, wgrad, the fused
-# decode kernel) add them in a fixed order as they load them, so no launch sums or casts them
+# shrink: its output is the fp32 partial sums [S, M, R]; the consumers (expand, wgrad, the fused decode kernel) add
+# them in a fixed order as they load them, so no launch sums or casts them. Unsplit (S = 1) it can be the result
+# itself, already in the dtype a consumer would round the sum to (``whole_dtype``)
 
 
 def _shrink_out(S, M, R, whole_dtype, device) -> Tensor:
