@@ -137,7 +137,8 @@ def rows(gpu_name: str) -> list[dict]:
                 dram={k: sum(s.dram_bytes for s in v) for k, v in plans.items()},
                 fastpeft_launches=[s._asdict() for s in plans["fastpeft"]],
                 vs_base=us["fastpeft"] / us["base"], vs_peft=us["fastpeft"] / us["peft"],
-                floor_vs_base=None if train else split_floor_us(M, N, K, R, a_dtype, gpu) / us["base"]))
+                floor_vs_base=None if train or M <= DECODE_ROWS else
+                split_floor_us(M, N, K, R, a_dtype, gpu) / us["base"]))
     return out
 
 

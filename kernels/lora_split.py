@@ -30,6 +30,11 @@ from .lora_split_kernels import SPLIT_A, SPLIT_AB, SPLIT_B, SPLIT_NONE, lora_exp
 
 __all__ = ["shrink", "expand", "wgrad", "split_fwd", "split_bwd", "split_cost_steps", "split_shipped_configs"]
 
+def _by_rank(**rows: tuple) -> dict[tuple[int, str], TileConfig]:
+    """{(BR cap, class): TileConfig} from each class's three rows, for BR caps 64, 128, 256."""
+    return {(cap, cls): TileConfig(*row) for cls, three in rows.items() for cap, row in zip((64, 128, 256), three)}
+
+
 # Tiles by (BR cap, operand class): "16" for 16-bit dots, "split" for fp32 adapters on a bf16 x (``_mma``'s bf16
 # split products: bf16 operands, more of them in registers), "tf32" for 3xTF32 dots (fp32 or fp16 x with fp32
 # adapters). TileConfig(BM, BN, BK, warps, stages): the shrink uses BM x BK x BR (loop over K), the expand
@@ -38,30 +43,15 @@ __all__ = ["shrink", "expand", "wgrad", "split_fwd", "split_bwd", "split_cost_st
 # (tests/test_aot.py), and so that the re-reads of the small operands a grid makes (A by every row block of the
 # shrink, xa and B by every column and row block of the expand) stay under the kernel's own DRAM bytes at
 # M = 4096 (benchmarks/cost_model.py).
-_SHRINK: dict[tuple[int, str], TileConfig] = {
-    (64, "16"): TileConfig(64, 0, 64, 4, 3), (128, "16"): TileConfig(64, 0, 32, 4, 3),
-    (256, "16"): TileConfig(32, 0, 32, 4, 3),
-    (64, "split"): TileConfig(64, 0, 16, 4, 3), (128, "split"): TileConfig(64, 0, 32, 8, 3),
-    (256, "split"): TileConfig(64, 0, 16, 8, 2),
-    (64, "tf32"): TileConfig(32, 0, 32, 4, 3), (128, "tf32"): TileConfig(32, 0, 16, 4, 2),
-    (256, "tf32"): TileConfig(16, 0, 16, 8, 2),
-}
-_EXPAND: dict[tuple[int, str], TileConfig] = {
-    (64, "16"): TileConfig(64, 128, 64, 4, 2), (128, "16"): TileConfig(64, 128, 64, 4, 2),
-    (256, "16"): TileConfig(64, 128, 64, 4, 2),
-    (64, "split"): TileConfig(128, 128, 16, 8, 2), (128, "split"): TileConfig(128, 128, 16, 8, 2),
-    (256, "split"): TileConfig(128, 128, 16, 8, 2),
-    (64, "tf32"): TileConfig(64, 64, 16, 4, 2), (128, "tf32"): TileConfig(64, 64, 16, 4, 2),
-    (256, "tf32"): TileConfig(64, 64, 16, 4, 2),
-}
-_WGRAD: dict[tuple[int, str], TileConfig] = {
-    (64, "16"): TileConfig(64, 128, 0, 8, 3), (128, "16"): TileConfig(32, 64, 0, 4, 3),
-    (256, "16"): TileConfig(32, 32, 0, 8, 3),
-    (64, "split"): TileConfig(32, 64, 0, 4, 3), (128, "split"): TileConfig(32, 32, 0, 4, 2),
-    (256, "split"): TileConfig(16, 16, 0, 4, 2),
-    (64, "tf32"): TileConfig(32, 64, 0, 4, 3), (128, "tf32"): TileConfig(32, 32, 0, 4, 2),
-    (256, "tf32"): TileConfig(16, 16, 0, 4, 2),
-}
+_SHRINK = _by_rank(**{"16": [(64, 0, 64, 4, 3), (64, 0, 32, 4, 3), (32, 0, 32, 4, 3)],
+                      "split": [(64, 0, 16, 4, 3), (64, 0, 32, 8, 3), (64, 0, 16, 8, 2)],
+                      "tf32": [(32, 0, 32, 4, 3), (32, 0, 16, 4, 2), (16, 0, 16, 8, 2)]})
+_EXPAND = _by_rank(**{"16": [(64, 128, 64, 4, 2)] * 3, "split": [(128, 128, 16, 8, 2)] * 3,
+                      "tf32": [(64, 64, 16, 4, 2)] * 3})
+_WGRAD = _by_rank(**{"16": [(64, 128, 0, 8, 3), (32, 64, 0, 4, 3), (32, 32, 0, 8, 3)],
+                     "split": [(32, 64, 0, 4, 3), (32, 32, 0, 4, 2), (16, 16, 0, 4, 2)],
+                     "tf32": [(32, 64, 0, 4, 3), (32, 32, 0, 4, 2), (16, 16, 0, 4, 2)]})
+
 _DEFAULT_SMS = 132  # H100 SXM: plans on meta / CPU tensors
 _MIN_STEPS = 4  # a split range spans at least this many loop steps (fewer: the partials cost more than they give)
 # The shrink's partials [S, M, R] are re-read by every program of its consumers (each column block of the expand and
@@ -346,6 +336,12 @@ def _checked(key: tuple, check) -> None:
         _CHECKED.put(key, True)
 
 
+def _xa_to_store(part: Tensor, a_dtype: torch.dtype, store_xa: bool) -> torch.dtype | None:
+    """The dtype in which the expand stores xa for the backward, or None: unsplit, the shrink's output is xa itself
+    (in A's dtype), and nothing more is stored."""
+    return a_dtype if store_xa and part.shape[0] > 1 else None
+
+
 def split_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_a: Tensor, lora_b: Tensor,
               lora_bias: Tensor | None, residual: Tensor | None, scaling: float, dropout_p: float,
               seed: Tensor | None, weight_t: bool = False, store_xa: bool = True) -> tuple[Tensor, Tensor | None]:
@@ -364,10 +360,9 @@ def split_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, lora_a: Ten
 
     _checked(("fwd", _meta(x), _meta(weight), _meta(bias), _meta(lora_a), _meta(lora_b), weight_t), check)
     part = shrink(x, lora_a, 1.0, dropout_p, seed, whole_dtype=lora_a.dtype)
-    whole = part.shape[0] == 1  # xa itself, in A's dtype: the expand need not store it again
     y, xa = expand(part, lora_b, lora_bias, bias, residual, scaling, 0.0, None, x.dtype,
-                   xa_dtype=lora_a.dtype if store_xa and not whole else None)
-    if store_xa and whole:
+                   xa_dtype=_xa_to_store(part, lora_a.dtype, store_xa))
+    if store_xa and xa is None:
         xa = part[0]
     if weight is not None:
         y.addmm_(x, weight if weight_t else weight.t())
@@ -476,7 +471,7 @@ def split_specs(M, N, K, R, x_dtype, a_dtype, dropout_p, train) -> list[tuple[Ke
     p = dropout_p
     shrink_x = _plan_shrink(x, a, 1.0, p, seed, False, a_dtype)
     part = shrink_x[0].args["out_ptr"]
-    xs_dtype = a_dtype if shrink_x[1] > 1 else None  # as split_fwd
+    xs_dtype = _xa_to_store(part, a_dtype, True)
     out = [shrink_x, (_plan_expand(part, b, None, bias, None, 2.0, 0.0, None, x_dtype, False, xs_dtype)[0], 1)]
     if train:
         shrink_dy = _plan_shrink(dy, b, 2.0, 0.0, None, True)
